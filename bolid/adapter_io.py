@@ -1,0 +1,84 @@
+"""Reading and writing BoLID adapter files, and exporting a branch as a stock IP-Adapter file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .adapter import BRANCHES, BoLIDAdapter, Branch, layer_key
+from .config import AdapterConfig
+from .errors import AdapterFileError
+from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+
+MAX_LISTED_KEYS = 5
+
+
+def save_adapter(adapter: BoLIDAdapter, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
+    """Write the adapter and its config (plus e.g. training metadata) atomically."""
+    metadata = {**adapter.config.to_metadata(), **(extra_metadata or {})}
+    atomic_save_safetensors(adapter.state_dict(), path, metadata)
+
+
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    """The config of an adapter file, checked without reading any tensor."""
+    _check_extension(Path(path))
+    return AdapterConfig.from_metadata(read_safetensors_metadata(path, AdapterFileError), str(path))
+
+
+def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> BoLIDAdapter:
+    """Load and validate an adapter file: config, key set and every tensor shape."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    tensors, _ = load_safetensors(path, AdapterFileError)
+    with torch.device("meta"):
+        reference = BoLIDAdapter(config).state_dict()
+    _check_state_dict(tensors, reference, path, config)
+    adapter = BoLIDAdapter(config)
+    adapter.load_state_dict(tensors, strict=True)
+    adapter.requires_grad_(False).eval()
+    return adapter.to(device=device, dtype=dtype)
+
+
+def _check_extension(path: Path) -> None:
+    if path.suffix.lower() in {".bin", ".pt", ".pth", ".ckpt"}:
+        raise AdapterFileError(f"{path}: BoLID adapters are .safetensors files only (pickle files are not loaded)")
+
+
+def _check_state_dict(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], path: Path,
+                      config: AdapterConfig) -> None:
+    missing = sorted(set(reference) - set(tensors))
+    extra = sorted(set(tensors) - set(reference))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:MAX_LISTED_KEYS])})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:MAX_LISTED_KEYS])})")
+        raise AdapterFileError(f"{path}: does not match its declared config {config.describe()}: {'; '.join(parts)}")
+    for key, ref in reference.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise AdapterFileError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                   f"config {config.describe()} requires {tuple(ref.shape)}")
+        if not torch.isfinite(tensors[key]).all():
+            raise AdapterFileError(f"{path}: tensor {key} contains NaN or Inf values; the file is damaged")
+
+
+def ip_adapter_state_dict(adapter: BoLIDAdapter, branch: Branch) -> dict[str, torch.Tensor]:
+    """One branch as a FaceID-style IP-Adapter state dict (``image_proj.*`` and ``ip_adapter.{i}.to_k_ip``)."""
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+    out = {f"image_proj.{k}": v for k, v in adapter.projection(branch).state_dict().items()}
+    for i in range(adapter.config.num_layers):
+        to_k, to_v = adapter.layer(i).projections(branch)
+        out[f"ip_adapter.{layer_key(i)}.to_k_ip.weight"] = to_k.weight
+        out[f"ip_adapter.{layer_key(i)}.to_v_ip.weight"] = to_v.weight
+    return out
+
+
+def export_ip_adapter(adapter: BoLIDAdapter, branch: Branch, path: str | os.PathLike) -> None:
+    """Write one branch as a stock IP-Adapter .safetensors that diffusers' ``load_ip_adapter`` accepts."""
+    metadata = {"bolid_exported_branch": branch, "bolid_family": adapter.config.family}
+    atomic_save_safetensors(ip_adapter_state_dict(adapter, branch), path, metadata)
