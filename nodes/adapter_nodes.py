@@ -1,0 +1,133 @@
+"""Nodes "Load BoLID Adapter" and "Apply BoLID Adapter"."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..bolid.adapter import BoLIDAdapter, Branch
+from ..bolid.adapter_io import load_adapter
+from ..bolid.errors import EmbeddingError
+from ..bolid.identity import BodyID, FaceEmbeds
+from .comfy_env import model_file_list, model_file_path
+from .comfy_patch import BoLIDAttn2Patch, BoLIDPatchState, check_adapter_fits, enumerate_cross_attention_layers
+
+logger = logging.getLogger("bolid")
+CATEGORY = "BoLID"
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """Socket value BOLID_ADAPTER: the module plus the ModelPatcher that lets ComfyUI move/offload it."""
+
+    adapter: BoLIDAdapter
+    name: str
+    patcher: Any = None
+
+
+def wrap_for_memory_manager(adapter: BoLIDAdapter) -> Any:
+    """A ComfyUI ModelPatcher around the adapter so load_models_gpu moves it with the UNet (None outside)."""
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+        import comfy.model_patcher  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+class LoadBoLIDAdapter:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
+        return {"required": {"adapter_name": (model_file_list("bolid"),)}}
+
+    RETURN_TYPES = ("BOLID_ADAPTER",)
+    RETURN_NAMES = ("bolid_adapter",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a BoLID adapter (.safetensors) from models/bolid; its config is checked before any tensor."
+
+    def load(self, adapter_name: str) -> tuple[LoadedAdapter]:
+        path = model_file_path("bolid", adapter_name)
+        adapter = load_adapter(path)
+        logger.info("BoLID: loaded adapter %s (%s)", adapter_name, adapter.config.describe())
+        return (LoadedAdapter(adapter, adapter_name, wrap_for_memory_manager(adapter)),)
+
+
+def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None,
+                     face_embeds: FaceEmbeds | None) -> dict[Branch, torch.Tensor]:
+    config = adapter.config
+    embeds: dict[Branch, torch.Tensor] = {}
+    if face_embeds is not None:
+        if face_embeds.embedding.numel() != config.face_embed_dim:
+            raise EmbeddingError(f"face embedding has {face_embeds.embedding.numel()} values, the adapter expects "
+                                 f"{config.face_embed_dim} (an InsightFace ArcFace embedding)")
+        embeds["face"] = face_embeds.embedding.reshape(1, -1)
+    if body_id is not None:
+        if body_id.dim != config.body_dim:
+            raise EmbeddingError(f"body identity has {body_id.dim} dims, the adapter expects {config.body_dim}: "
+                                 "encode it with the Body-ID encoder this adapter was trained with")
+        embeds["body"] = body_id.c_body.reshape(1, -1)
+    if not embeds:
+        raise EmbeddingError("Apply BoLID Adapter needs a body_id and/or face_embeds input; neither is connected")
+    return embeds
+
+
+class ApplyBoLIDAdapter:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "bolid_adapter": ("BOLID_ADAPTER",),
+                "weight_face": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 3.0, "step": 0.05}),
+                "weight_body": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 3.0, "step": 0.05}),
+                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            },
+            "optional": {
+                "body_id": ("BOLID_BODY_ID",),
+                "face_embeds": ("BOLID_FACE_EMBEDS",),
+                "attn_mask": ("MASK",),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Adds BoLID's face and body cross-attention branches to every cross-attention layer, with "
+                   "separate weights, active between start_at and end_at of the sampling schedule.")
+
+    def apply(self, model: Any, bolid_adapter: LoadedAdapter, weight_face: float, weight_body: float,
+              start_at: float, end_at: float, body_id: BodyID | None = None, face_embeds: FaceEmbeds | None = None,
+              attn_mask: torch.Tensor | None = None) -> tuple[Any]:
+        if start_at > end_at:
+            raise ValueError(f"Apply BoLID Adapter: start_at ({start_at}) is after end_at ({end_at})")
+        adapter = bolid_adapter.adapter
+        layers = enumerate_cross_attention_layers(model.get_model_object("diffusion_model"))
+        ordered = check_adapter_fits(adapter.config, layers)
+        embeds = _identity_embeds(adapter, body_id, face_embeds)
+        sampling = model.get_model_object("model_sampling")
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.ndim == 3 else attn_mask.reshape(1, *attn_mask.shape[-2:])
+        state = BoLIDPatchState(
+            adapter=adapter, embeds=embeds, weights={"face": float(weight_face), "body": float(weight_body)},
+            sigma_start=float(sampling.percent_to_sigma(start_at)), sigma_end=float(sampling.percent_to_sigma(end_at)),
+            mask=mask, adapter_models=[bolid_adapter.patcher] if bolid_adapter.patcher is not None else [],
+        )
+        patched = model.clone()
+        existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        for index, layer in enumerate(ordered):
+            wrapped = existing.get(layer.key) or existing.get(layer.key[:2])
+            patched.set_model_attn2_replace(BoLIDAttn2Patch(state, index, wrapped), *layer.key)
+        logger.info("BoLID: patched %d cross-attention layers (face %.2f, body %.2f, branches: %s)", len(ordered),
+                    weight_face, weight_body, ", ".join(embeds))
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {"BoLIDLoadAdapter": LoadBoLIDAdapter, "BoLIDApplyAdapter": ApplyBoLIDAdapter}
+NODE_DISPLAY_NAME_MAPPINGS = {"BoLIDLoadAdapter": "Load BoLID Adapter", "BoLIDApplyAdapter": "Apply BoLID Adapter"}
