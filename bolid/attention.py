@@ -17,13 +17,18 @@ import torch.nn.functional as F
 AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, heads) -> [B, seq, heads * dim_head]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, **_: object) -> torch.Tensor:
-    """Multi-head attention on [B, seq, heads*dim] tensors, as diffusers' AttnProcessor2_0 computes it."""
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+                   **_: object) -> torch.Tensor:
+    """Multi-head attention on [B, seq, heads*dim] tensors, as diffusers' AttnProcessor2_0 computes it.
+
+    ``mask`` is an additive or boolean mask broadcastable to [B, heads, q_len, k_len].
+    """
     b, _, inner = q.shape
     dim_head = inner // heads
+    dtype = q.dtype
     q, k, v = (t.reshape(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-    return out.transpose(1, 2).reshape(b, -1, heads * dim_head).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(b, -1, heads * dim_head).to(dtype)
 
 
 @dataclass
