@@ -1,0 +1,164 @@
+"""The ComfyUI attn2 patch against the diffusers path, per cond_or_uncond layout; schedule, mask, wrapping."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_unets import CTX, randomize_, tiny_sd15_unet
+
+from bolid.diffusers_integration import (
+    BoLIDAttnProcessor,
+    BoLIDDiffusers,
+    adapter_config_for_unet,
+    cross_attention_modules,
+    init_adapter_from_unet,
+)
+
+BODY_DIM = 16
+LAYOUTS = [[1, 0], [0], [1], [1, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    unet = tiny_sd15_unet()
+    config = adapter_config_for_unet(unet, body_dim=BODY_DIM, face_tokens=4, body_tokens=2)
+    adapter = randomize_(init_adapter_from_unet(unet, config), seed=7).eval()
+    torch.manual_seed(0)
+    face = torch.nn.functional.normalize(torch.randn(1, 512), dim=-1)
+    body = torch.randn(1, BODY_DIM)
+    return unet, adapter, face, body
+
+
+def _state(pack, adapter, face, body, **kw):
+    patch_mod = pack.nodes.comfy_patch
+    args = {"adapter": adapter, "embeds": {"face": face, "body": body}, "weights": {"face": 0.8, "body": 1.2}}
+    args.update(kw)
+    return patch_mod.BoLIDPatchState(**args)
+
+
+def _qkv(attn, batch, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 12, attn.to_q.weight.shape[1], generator=gen)
+    ctx = torch.randn(batch, 5, CTX, generator=gen)
+    return x, ctx, attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+
+
+def _options(attn, layout, sigma=5.0, **extra):
+    return {"n_heads": attn.heads, "dim_head": attn.to_q.weight.shape[0] // attn.heads, "attn_precision": None,
+            "cond_or_uncond": layout, "sigmas": torch.tensor([sigma]), **extra}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("layer", [0, 7, 15])
+def test_patch_equals_diffusers_path(pack, setup, layout, layer):
+    unet, adapter, face, body = setup
+    _, attn = cross_attention_modules(unet)[layer]
+    per_chunk = 2
+    batch = per_chunk * len(layout)
+    x, ctx, q, k, v = _qkv(attn, batch)
+    # diffusers reference: cond rows carry the identity, uncond rows the zero embedding
+    rows = torch.tensor(layout).repeat_interleave(per_chunk)
+    controller = BoLIDDiffusers(unet, adapter, weight_face=0.8, weight_body=1.2)
+    controller.set_identity(torch.where(rows[:, None] == 0, face, 0.0), torch.where(rows[:, None] == 0, body, 0.0))
+    with torch.no_grad():
+        expected = BoLIDAttnProcessor(controller, layer)(attn, x, ctx)
+        patch = pack.nodes.comfy_patch.BoLIDAttn2Patch(_state(pack, adapter, face, body), layer)
+        ours = attn.to_out[0](patch(q, k, v, _options(attn, layout)))
+    assert (ours - expected).abs().max().item() <= 1e-5
+
+
+def _unpatched(attn, q, k, v):
+    from bolid.attention import sdpa_attention
+
+    return sdpa_attention(q, k, v, attn.heads)
+
+
+@pytest.mark.parametrize(
+    ("weights", "sigma"), [({"face": 0.0, "body": 0.0}, 5.0), ({"face": 1.0, "body": 1.0}, 50.0),
+                           ({"face": 1.0, "body": 1.0}, 0.5)], ids=["weights-0", "above-start", "below-end"])
+def test_inactive_is_bit_identical(pack, setup, weights, sigma):
+    unet, adapter, face, body = setup
+    _, attn = cross_attention_modules(unet)[3]
+    _, _, q, k, v = _qkv(attn, 2)
+    state = _state(pack, adapter, face, body, weights=weights, sigma_start=10.0, sigma_end=1.0)
+    with torch.no_grad():
+        out = pack.nodes.comfy_patch.BoLIDAttn2Patch(state, 3)(q, k, v, _options(attn, [1, 0], sigma=sigma))
+        assert torch.equal(out, _unpatched(attn, q, k, v))
+        active = pack.nodes.comfy_patch.BoLIDAttn2Patch(_state(pack, adapter, face, body, sigma_start=10.0,
+                                                               sigma_end=1.0), 3)
+        assert not torch.equal(active(q, k, v, _options(attn, [1, 0], sigma=5.0)), out)
+
+
+def test_kv_computed_once_and_reused(pack, setup):
+    unet, adapter, face, body = setup
+    _, attn = cross_attention_modules(unet)[0]
+    _, _, q, k, v = _qkv(attn, 2)
+    state = _state(pack, adapter, face, body)
+    patch = pack.nodes.comfy_patch.BoLIDAttn2Patch(state, 0)
+    calls = []
+    handle = adapter.face_proj.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            first = patch(q, k, v, _options(attn, [1, 0]))
+            second = patch(q, k, v, _options(attn, [1, 0]))
+    finally:
+        handle.remove()
+    assert torch.equal(first, second)
+    assert len(calls) == 1
+
+
+def test_mask_resized_from_activations_shape(pack, setup):
+    unet, adapter, face, body = setup
+    _, attn = cross_attention_modules(unet)[0]
+    h, w = 3, 4  # odd aspect ratio: 12 tokens
+    _, _, q, k, v = _qkv(attn, 2)
+    mask = torch.zeros(1, 30, 40)
+    mask[:, :, :20] = 1.0  # left half
+    state = _state(pack, adapter, face, body, mask=mask)
+    opts = _options(attn, [1, 0], activations_shape=[2, 8, h, w])
+    with torch.no_grad():
+        masked = pack.nodes.comfy_patch.BoLIDAttn2Patch(state, 0)(q, k, v, opts)
+        full = pack.nodes.comfy_patch.BoLIDAttn2Patch(_state(pack, adapter, face, body), 0)(q, k, v, opts)
+    base = _unpatched(attn, q, k, v)
+    tokens = torch.arange(h * w)
+    left = (tokens % w) < w // 2
+    assert torch.allclose(masked[:, left], full[:, left], atol=1e-6)
+    assert torch.allclose(masked[:, ~left], base[:, ~left], atol=1e-6)
+    assert not torch.allclose(full[:, ~left], base[:, ~left], atol=1e-4)
+
+
+def test_wraps_foreign_patch_and_deepcopy_shares_weights(pack, setup):
+    unet, adapter, face, body = setup
+    _, attn = cross_attention_modules(unet)[2]
+    _, _, q, k, v = _qkv(attn, 2)
+
+    class Foreign:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, q, k, v, extra_options):
+            self.calls += 1
+            return torch.zeros_like(q)
+
+    foreign = Foreign()
+    patch = pack.nodes.comfy_patch.BoLIDAttn2Patch(_state(pack, adapter, face, body), 2, foreign)
+    clone = copy.deepcopy({"p": patch})["p"]
+    assert clone.state is patch.state and clone.state.adapter is adapter
+    assert clone.wrapped is not foreign and isinstance(clone.wrapped, Foreign)
+    with torch.no_grad():
+        out = patch(q, k, v, _options(attn, [1, 0]))
+        only_branches = pack.nodes.comfy_patch.BoLIDAttn2Patch(_state(pack, adapter, face, body), 2)
+        expected = only_branches(q, k, v, _options(attn, [1, 0])) - _unpatched(attn, q, k, v)
+    assert foreign.calls == 1
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_layer_order_maps_comfy_blocks_to_diffusers_order(pack):
+    patch_mod = pack.nodes.comfy_patch
+    layers = [patch_mod.ComfyLayer(key, 8, 32) for key in
+              [("input", 1, 0), ("input", 2, 0), ("middle", 0, 0), ("middle", 0, 1), ("output", 3, 0)]]
+    ordered = patch_mod.adapter_layer_order(layers)
+    assert [layer.key for layer in ordered] == [("input", 1, 0), ("input", 2, 0), ("output", 3, 0),
+                                                ("middle", 0, 0), ("middle", 0, 1)]
