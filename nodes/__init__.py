@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from .comfy_env import register_model_folders_if_in_comfyui
+
 _NODE_MODULES = (
     "adapter_nodes",
 )
@@ -22,5 +24,7 @@ for _name in _NODE_MODULES:
             raise RuntimeError(f"BoLID node id {_key!r} is defined twice (second time in nodes/{_name}.py)")
         NODE_CLASS_MAPPINGS[_key] = _cls
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+register_model_folders_if_in_comfyui()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

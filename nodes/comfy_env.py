@@ -44,6 +44,15 @@ def register_model_folders() -> None:
             fp.folder_names_and_paths[name] = ([default], set(extensions))
 
 
+def register_model_folders_if_in_comfyui() -> None:
+    """Called at pack import: inside ComfyUI the folders exist before any node lists its files."""
+    try:
+        import folder_paths  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return
+    register_model_folders()
+
+
 def model_file_list(folder: str) -> list[str]:
     fp = folder_paths_module()
     register_model_folders()

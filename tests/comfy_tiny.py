@@ -1,0 +1,60 @@
+"""A tiny SD1.5-architecture model inside a real ComfyUI, and the same weights as a diffusers UNet.
+
+Only used by tests that have a real ComfyUI (COMFYUI_PATH); ComfyUI's ops leave parameters uninitialised, so
+every parameter is filled from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+CONTEXT_DIM = 64
+TINY_SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 2, 2], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM, "num_head_channels": -1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def use_cpu() -> None:
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def tiny_comfy_sd15(seed: int = 0):
+    """(ModelPatcher, diffusers UNet with identical weights)."""
+    use_cpu()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+
+    model = comfy.supported_models.SD15(dict(TINY_SD15_UNET)).get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
+        cross_attention_dim=CONTEXT_DIM, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    comfy_sd = model.diffusion_model.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(model.model_config.unet_config)
+    diffusers_sd = {k: comfy_sd[v] for k, v in mapping.items() if v in comfy_sd}
+    missing, unexpected = unet.load_state_dict(diffusers_sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return patcher, unet.eval().requires_grad_(False)
