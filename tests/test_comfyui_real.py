@@ -28,6 +28,7 @@ def comfy_nodes(comfyui, tmp_path_factory):
 
     comfy_tiny.use_cpu()
     import folder_paths
+
     import nodes
 
     extra = tmp_path_factory.mktemp("extra_bolid")
