@@ -1,0 +1,495 @@
+"""The Body-ID encoder (stage 1): a multi-view VAE whose aggregated latent c_body is a person's body identity.
+
+Per view, the encoder sees the square person crop (plus Gaussian heatmaps of its 17 keypoints drawn on it) and
+the keypoints themselves, and outputs a Gaussian (mu_i, logvar_i). Views are fused by a confidence-weighted
+product of Gaussians (see :func:`aggregate_views`). The decoder exists only to train the encoder: given c_body
+and a *held-out* view's keypoints it must redraw that view's low-res crop, and from c_body alone it must predict
+the identity's proportion vector (:mod:`bolid.proportions`). Because the decoder already gets the held-out pose,
+pose carries no reward in c_body; what helps is what stays the same across views (body shape, proportions,
+build). KL to N(0, I) keeps the prior sampleable, so bodies can be drawn and identities interpolated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .errors import BoLIDError
+from .identity import BodyID
+from .keypoints import NUM_KEYPOINTS, PersonPose
+from .proportions import NUM_PROPORTIONS, aggregate_proportions, body_proportions
+from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+
+logger = logging.getLogger("bolid")
+
+FORMAT_VERSION = 1
+BODY_ENCODER_FILE_KIND = "bolid_body_encoder"
+LOGVAR_RANGE = (-10.0, 10.0)
+
+
+class BodyEncoderFileError(BoLIDError):
+    """A Body-ID encoder file cannot be read or does not hold a valid encoder."""
+
+
+class BodyEncodeError(BoLIDError):
+    """No usable view: no image had a person with enough keypoint confidence, or the input was empty."""
+
+
+@dataclass(frozen=True)
+class BodyEncoderConfig:
+    """Dimensions of the Body-ID VAE; stored in the exported file's metadata.
+
+    latent_dim: size d of c_body (the adapter's ``body_dim``). crop_size: side of the square person crop the
+    encoder sees. decoder_size: side of the low-res crop the decoder redraws. crop_margin: the crop side is
+    ``max(box w, box h) * crop_margin``. prior_expert: include N(0, I) as one more expert in the product of
+    Gaussians (see :func:`aggregate_views`).
+    """
+
+    latent_dim: int = 128
+    crop_size: int = 64
+    decoder_size: int = 32
+    width: int = 32
+    hidden: int = 256
+    heatmap_sigma: float = 0.03
+    crop_margin: float = 1.15
+    prior_expert: bool = True
+    format_version: int = FORMAT_VERSION
+    training: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "crop_size", "decoder_size", "width", "hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BodyEncoderConfig.{name} must be a positive integer, got {value!r}")
+        if self.crop_size < 8 or self.crop_size & (self.crop_size - 1):
+            raise ValueError(f"BodyEncoderConfig.crop_size must be a power of two >= 8, got {self.crop_size}")
+        if not (0.0 < self.heatmap_sigma < 1.0) or self.crop_margin < 1.0:
+            raise ValueError("BodyEncoderConfig: heatmap_sigma must be in (0, 1) and crop_margin >= 1")
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that define the weights (``training`` is provenance only)."""
+        out = asdict(self)
+        out.pop("training")
+        return out
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"bolid_kind": BODY_ENCODER_FILE_KIND, "bolid_format_version": str(self.format_version),
+                "bolid_config": json.dumps(asdict(self), sort_keys=True)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> BodyEncoderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown body encoder option(s) {unknown}; known: {sorted(known)}")
+        return cls(**raw)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], source: str) -> BodyEncoderConfig:
+        kind = metadata.get("bolid_kind")
+        if kind != BODY_ENCODER_FILE_KIND:
+            hint = " (this is a BoLID adapter: use Load BoLID Adapter)" if kind == "bolid_adapter" else ""
+            raise BodyEncoderFileError(f"{source}: not a BoLID Body-ID encoder (metadata bolid_kind={kind!r}){hint}; "
+                                       "encoders are .safetensors files exported by BoLID's stage-1 training")
+        try:
+            version = int(metadata.get("bolid_format_version", ""))
+        except ValueError as exc:
+            raise BodyEncoderFileError(f"{source}: missing or invalid bolid_format_version") from exc
+        if version != FORMAT_VERSION:
+            raise BodyEncoderFileError(f"{source}: body encoder format version {version} is not supported "
+                                       f"(this BoLID reads {FORMAT_VERSION}); update the node pack or re-export")
+        try:
+            return cls.from_dict(json.loads(metadata["bolid_config"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BodyEncoderFileError(f"{source}: invalid bolid_config metadata ({exc})") from exc
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def render_heatmaps(keypoints: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """Gaussian blobs [..., 17, size, size] at crop-normalised keypoints [..., 17, 3], scaled by confidence."""
+    centres = (torch.arange(size, device=keypoints.device, dtype=keypoints.dtype) + 0.5) / size
+    dx = (centres.view(1, size) - keypoints[..., 0:1]) ** 2  # [..., 17, size] along x
+    dy = (centres.view(1, size) - keypoints[..., 1:2]) ** 2
+    gx = torch.exp(-dx / (2 * sigma * sigma))
+    gy = torch.exp(-dy / (2 * sigma * sigma))
+    return keypoints[..., 2, None, None] * gy.unsqueeze(-1) * gx.unsqueeze(-2)
+
+
+def crop_box(pose: PersonPose, image_size: tuple[int, int], margin: float) -> tuple[float, float, float]:
+    """Square crop (x0, y0, side) around the person: the box, or the seen keypoints if the box is degenerate."""
+    x1, y1, x2, y2 = (float(v) for v in pose.box)
+    if not (x2 - x1 > 1 and y2 - y1 > 1):
+        seen = pose.keypoints[pose.keypoints[:, 2] > 0]
+        if len(seen) == 0:
+            w, h = image_size
+            x1, y1, x2, y2 = 0.0, 0.0, float(w), float(h)
+        else:
+            x1, y1 = seen[:, :2].min(0)
+            x2, y2 = seen[:, :2].max(0)
+    side = max(x2 - x1, y2 - y1, 2.0) * margin
+    cx, cy = 0.5 * (x1 + x2), 0.5 * (y1 + y2)
+    return cx - side / 2, cy - side / 2, side
+
+
+def crop_person(image: np.ndarray, pose: PersonPose, size: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Square person crop (uint8 [size, size, 3], black outside the image) and keypoints in crop units [0, 1].
+
+    A square crop scales x and y equally, so proportions measured in crop units equal those in the photo.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"crop_person needs an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
+    h, w = image.shape[:2]
+    x0, y0, side = crop_box(pose, (w, h), margin)
+    pil = Image.fromarray(image)
+    # PIL pads with black where the box leaves the image
+    region = pil.crop((int(math.floor(x0)), int(math.floor(y0)),
+                       int(math.floor(x0)) + int(math.ceil(side)), int(math.floor(y0)) + int(math.ceil(side))))
+    crop = np.asarray(region.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+    real_side = float(int(math.ceil(side)))
+    kp = pose.keypoints.copy()
+    kp[:, 0] = (kp[:, 0] - math.floor(x0)) / real_side
+    kp[:, 1] = (kp[:, 1] - math.floor(y0)) / real_side
+    return crop, kp.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class ViewEncoder(nn.Module):
+    """One view -> (mu_i, logvar_i): a CNN over crop + keypoint heatmaps, fused with an MLP over the keypoints."""
+
+    def __init__(self, config: BodyEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        w, hid = config.width, config.hidden
+        layers: list[nn.Module] = []
+        channels, size = 3 + NUM_KEYPOINTS, config.crop_size
+        i = 0
+        while size > 4:
+            out = w * min(2 ** i, 8)
+            layers += [nn.Conv2d(channels, out, 4, stride=2, padding=1), _norm(out), nn.SiLU()]
+            channels, size, i = out, size // 2, i + 1
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()]
+        self.cnn = nn.Sequential(*layers)
+        kp_in = NUM_KEYPOINTS * 3 + 2 * NUM_PROPORTIONS
+        self.kp_mlp = nn.Sequential(nn.Linear(kp_in, hid), nn.SiLU(), nn.Linear(hid, hid), nn.SiLU())
+        self.head = nn.Sequential(nn.Linear(channels * 4 + hid, hid), nn.SiLU(), nn.Linear(hid, 2 * config.latent_dim))
+
+    def forward(self, crops: torch.Tensor, keypoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        heat = render_heatmaps(keypoints, cfg.crop_size, cfg.heatmap_sigma)
+        x = torch.cat([crops * 2.0 - 1.0, heat], 1)
+        conf = keypoints[..., 2:3]
+        props, prop_conf = body_proportions(keypoints)
+        kp_feat = torch.cat([(keypoints[..., :2] * conf).flatten(1), conf.flatten(1), props * prop_conf, prop_conf], 1)
+        h = torch.cat([self.cnn(x), self.kp_mlp(kp_feat)], 1)
+        mu, logvar = self.head(h).chunk(2, dim=1)
+        return mu, logvar.clamp(*LOGVAR_RANGE)
+
+
+class PoseConditionedDecoder(nn.Module):
+    """(c_body, target keypoints) -> the target view's low-res crop in [-1, 1].
+
+    The pose enters spatially (heatmaps + a coordinate grid), c_body through FiLM on every block, so the only
+    way to draw the right limb widths, silhouette and colours is to read them from c_body.
+    """
+
+    def __init__(self, config: BodyEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.width
+        self.stem = nn.Conv2d(NUM_KEYPOINTS + 2, c, 3, padding=1)
+        self.dilations = (1, 2, 4, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=d, dilation=d) for d in self.dilations)
+        self.norms = nn.ModuleList(nn.GroupNorm(_norm(c).num_groups, c, affine=False) for _ in self.dilations)
+        self.film = nn.Linear(config.latent_dim, 2 * c * len(self.dilations))
+        self.out = nn.Conv2d(c, 3, 1)
+
+    def forward(self, z: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
+        r = self.config.decoder_size
+        heat = render_heatmaps(keypoints, r, max(self.config.heatmap_sigma, 0.5 / r))
+        centres = (torch.arange(r, device=z.device, dtype=z.dtype) + 0.5) / r * 2 - 1
+        gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+        grid = torch.stack([gx, gy]).expand(z.shape[0], 2, r, r)
+        h = self.stem(torch.cat([heat, grid], 1))
+        film = self.film(z).view(z.shape[0], len(self.dilations), 2, -1, 1, 1)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            y = norm(conv(h)) * (1 + film[:, i, 0]) + film[:, i, 1]
+            h = h + F.silu(y)
+        return torch.tanh(self.out(h))
+
+
+def aggregate_views(mu: torch.Tensor, logvar: torch.Tensor, weights: torch.Tensor,
+                    prior_expert: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence-weighted product of Gaussians over the view axis (-2): [..., V, d] -> [..., d].
+
+    precision = p0 + sum_i w_i / var_i,   mu = (sum_i w_i mu_i / var_i) / precision,
+    with p0 = 1 (the prior N(0, I) as one more expert, as in the multimodal VAE of Wu & Goodman, 2018) or 0.
+    Why the prior expert: it is the exact posterior when each view contributes a likelihood factor, it keeps the
+    result defined (the prior) for a single weak view instead of dividing by a near-zero precision, and training
+    then sees the same formula as inference. Properties: a view with w_i = 0 contributes exactly nothing (it is
+    masked, so even NaN features of padding cannot leak), the order of views does not matter (a sum), and each
+    extra view with w_i > 0 strictly raises the precision (a tighter posterior).
+    """
+    w = weights.to(mu.dtype).clamp_min(0.0).unsqueeze(-1)
+    active = w > 0
+    inv_var = torch.exp(-logvar)
+    prec_terms = torch.where(active, w * inv_var, torch.zeros_like(inv_var))
+    mean_terms = torch.where(active, w * inv_var * mu, torch.zeros_like(mu))
+    precision = prec_terms.sum(-2)
+    if prior_expert:
+        precision = precision + 1.0
+    precision = precision.clamp_min(1e-8)
+    return mean_terms.sum(-2) / precision, -torch.log(precision)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last axis."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+class BodyEncoder(nn.Module):
+    """The Body-ID VAE. Inference uses :meth:`encode`; :meth:`losses` is the stage-1 training objective."""
+
+    def __init__(self, config: BodyEncoderConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or BodyEncoderConfig()
+        self.view_encoder = ViewEncoder(self.config)
+        self.decoder = PoseConditionedDecoder(self.config)
+        hid = self.config.hidden
+        self.proportion_head = nn.Sequential(nn.Linear(self.config.latent_dim, hid), nn.SiLU(),
+                                             nn.Linear(hid, NUM_PROPORTIONS))
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    def encode_views(self, crops: torch.Tensor, keypoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops [N, 3, S, S] float 0..1 (any S: resized to crop_size), keypoints [N, 17, 3] in crop units."""
+        s = self.config.crop_size
+        if crops.shape[-1] != s or crops.shape[-2] != s:
+            crops = F.interpolate(crops, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return self.view_encoder(crops, keypoints)
+
+    def encode(self, crops: torch.Tensor, keypoints: torch.Tensor, weights: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aggregated posterior of a batch of view sets: crops [B, V, 3, S, S], keypoints [B, V, 17, 3],
+        weights [B, V] (0 = padding / unused view) -> (mu [B, d], logvar [B, d])."""
+        b, v = crops.shape[:2]
+        mu, logvar = self.encode_views(crops.flatten(0, 1), keypoints.flatten(0, 1))
+        mu, logvar = mu.view(b, v, -1), logvar.view(b, v, -1)
+        return aggregate_views(mu, logvar, weights, self.config.prior_expert)
+
+    def decode(self, z: torch.Tensor, target_keypoints: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z, target_keypoints)
+
+    def predict_proportions(self, z: torch.Tensor) -> torch.Tensor:
+        return self.proportion_head(z)
+
+    def losses(self, batch: dict[str, torch.Tensor], kl_weight: float = 1e-3, recon_weight: float = 1.0,
+               proportion_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Stage-1 objective on a batch from :class:`bolid.dataset.Stage1Collate`.
+
+        Keys used: context_crops [B,V,3,S,S], context_keypoints [B,V,17,3], context_weights [B,V],
+        target_crop [B,3,S,S], target_keypoints [B,17,3], proportions [B,6], proportion_confidence [B,6].
+        """
+        mu, logvar = self.encode(batch["context_crops"], batch["context_keypoints"], batch["context_weights"])
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        r = self.config.decoder_size
+        target = F.interpolate(batch["target_crop"], size=(r, r), mode="bilinear", antialias=True,
+                               align_corners=False) * 2.0 - 1.0
+        recon = F.mse_loss(self.decode(z, batch["target_keypoints"]).float(), target.float())
+        pred = self.predict_proportions(z).float()
+        conf = batch["proportion_confidence"].float()
+        prop = ((pred - batch["proportions"].float()) ** 2 * conf).sum() / conf.sum().clamp_min(1e-6)
+        kl = kl_to_standard_normal(mu.float(), logvar.float()).mean()
+        total = recon_weight * recon + proportion_weight * prop + kl_weight * kl
+        return {"loss": total, "recon": recon.detach(), "proportions": prop.detach(), "kl": kl.detach()}
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def encoder_hash(model: BodyEncoder) -> str:
+    """A short content hash of the architecture and weights: identities remember which encoder made them."""
+    h = hashlib.sha256(json.dumps(model.config.architecture(), sort_keys=True).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_body_encoder(model: BodyEncoder, path: str | os.PathLike,
+                      extra_metadata: dict[str, str] | None = None) -> str:
+    """Write the VAE (fp32) with its config and hash in the metadata, atomically; returns the hash."""
+    model_hash = encoder_hash(model)
+    metadata = {**model.config.to_metadata(), "bolid_encoder_hash": model_hash, **(extra_metadata or {})}
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    atomic_save_safetensors(state, path, metadata)
+    return model_hash
+
+
+def read_body_encoder_config(path: str | os.PathLike) -> BodyEncoderConfig:
+    """The config of an encoder file, checked without reading any tensor."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise BodyEncoderFileError(f"{path}: Body-ID encoders are .safetensors files only (pickle is not loaded)")
+    return BodyEncoderConfig.from_metadata(read_safetensors_metadata(path, BodyEncoderFileError), str(path))
+
+
+def load_body_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> BodyEncoder:
+    """Load and validate an encoder file: kind, version, config, key set, shapes, finiteness and hash."""
+    path = Path(path)
+    config = read_body_encoder_config(path)
+    tensors, metadata = load_safetensors(path, BodyEncoderFileError)
+    model = BodyEncoder(config)
+    reference = model.state_dict()
+    missing, extra = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
+    if missing or extra:
+        raise BodyEncoderFileError(f"{path}: does not match its declared config: missing keys {missing[:5]}, "
+                                   f"unexpected keys {extra[:5]}; re-export the encoder")
+    for key, ref in reference.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise BodyEncoderFileError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, the config "
+                                       f"requires {tuple(ref.shape)}")
+        if not torch.isfinite(tensors[key]).all():
+            raise BodyEncoderFileError(f"{path}: tensor {key} contains NaN or Inf values; the file is damaged")
+    model.load_state_dict(tensors, strict=True)
+    stored = metadata.get("bolid_encoder_hash")
+    if stored and stored != encoder_hash(model):
+        raise BodyEncoderFileError(f"{path}: the weights do not match the hash stored in the file ({stored}); "
+                                   "the file was modified or damaged, re-export it")
+    model.requires_grad_(False).eval()
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------- pose interface
+
+
+class PoseRunner(Protocol):
+    """What BoLID needs from a pose model: RGB uint8 HxWx3 images -> detected people per image.
+
+    Any object with one of these methods works (checked in this order): ``detect_all(images)`` returning a list
+    of lists of PersonPose; ``detect(images)`` or ``__call__(images)`` returning per image a PersonPose, None,
+    or a list of PersonPose.
+    """
+
+    def __call__(self, images: list[np.ndarray]) -> list[Any]: ...
+
+
+def detect_people(runner: Any, images: Sequence[np.ndarray]) -> list[list[PersonPose]]:
+    """Run any supported pose runner on RGB uint8 images; every image gets a (possibly empty) list of people."""
+    images = list(images)
+    if not images:
+        return []
+    for name in ("detect_all", "detect_batch", "detect", "__call__"):
+        fn = getattr(runner, name, None)
+        if callable(fn):
+            break
+    else:
+        raise TypeError(f"{type(runner).__name__} is not a pose runner (needs detect_all/detect/__call__)")
+    results = fn(images)
+    if len(results) != len(images):
+        raise BoLIDError(f"the pose runner returned {len(results)} results for {len(images)} images")
+    out: list[list[PersonPose]] = []
+    for r in results:
+        if r is None:
+            out.append([])
+        elif isinstance(r, PersonPose):
+            out.append([r])
+        else:
+            out.append([p for p in r if p is not None])
+    return out
+
+
+def main_person(people: Sequence[PersonPose]) -> PersonPose | None:
+    """The most prominent person (largest box, then body confidence)."""
+    if not people:
+        return None
+    return max(people, key=lambda p: (p.area, p.body_confidence))
+
+
+# ----------------------------------------------------------------------------------------------- inference
+
+
+@dataclass
+class EncodeResult:
+    """What :func:`encode_body` made: the identity, the views used (crop + weight) and the skipped images."""
+
+    body_id: BodyID
+    crops: list[np.ndarray]
+    weights: list[float]
+    used: list[str]
+    skipped: list[tuple[str, str]]
+
+
+@torch.no_grad()
+def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Sequence[PersonPose | None],
+                names: Sequence[str] | None = None, min_confidence: float = 0.3) -> EncodeResult:
+    """Encode the body identity of the one person shown in ``images`` (RGB uint8 HxWx3), given their poses.
+
+    A view is used when it has a person whose body confidence (mean of COCO joints 5..16) is at least
+    ``min_confidence``; its aggregation weight is that confidence. Raises BodyEncodeError when no view is usable.
+    """
+    images, poses = list(images), list(poses)
+    if not images:
+        raise BodyEncodeError("no images given: connect at least one photo of the person")
+    if len(poses) != len(images):
+        raise ValueError(f"{len(images)} images but {len(poses)} poses")
+    names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+    cfg = encoder.config
+    crops, kps, weights, used, skipped = [], [], [], [], []
+    for name, image, pose in zip(names, images, poses, strict=True):
+        if pose is None:
+            skipped.append((name, "no person detected"))
+            continue
+        w = pose.body_confidence
+        if not w >= min_confidence:
+            skipped.append((name, f"body keypoint confidence {w:.2f} < minimum {min_confidence:.2f}"))
+            continue
+        crop, kp = crop_person(image, pose, cfg.crop_size, cfg.crop_margin)
+        crops.append(crop)
+        kps.append(kp)
+        weights.append(float(w))
+        used.append(name)
+    for name, why in skipped:
+        logger.warning("BoLID body encoder: skipped %s: %s", name, why)
+    if not used:
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
+        raise BodyEncodeError(f"no image has a usable person ({reasons}); use photos where one person's body "
+                              "is visible, or lower the minimum confidence")
+    param = next(encoder.parameters())
+    crop_t = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(param.device, param.dtype) / 255.0
+    kp_t = torch.from_numpy(np.stack(kps)).to(param.device, param.dtype)
+    w_t = torch.tensor(weights, device=param.device, dtype=param.dtype)
+    mu, logvar = encoder.encode(crop_t[None], kp_t[None], w_t[None])
+    obs, obs_conf = aggregate_proportions(*body_proportions(kp_t.double()), dim=0)
+    extra = {"proportions_observed": [round(float(v), 6) for v in obs],
+             "proportions_observed_confidence": [round(float(v), 6) for v in obs_conf],
+             "proportions_predicted": [round(float(v), 6) for v in encoder.predict_proportions(mu)[0].float()],
+             "min_confidence": float(min_confidence)}
+    body_id = BodyID(c_body=mu[0], logvar=logvar[0], views=tuple(used), view_weights=tuple(weights),
+                     encoder_hash=encoder_hash(encoder), extra=extra)
+    return EncodeResult(body_id, crops, weights, used, skipped)
