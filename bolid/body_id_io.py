@@ -1,0 +1,150 @@
+"""Body identity files (text-only mode survives restarts), safe names, prior samples and blends.
+
+A Body ID file is a small safetensors file: tensors ``c_body`` (float32 [d]), optional ``logvar`` and
+``view_weights`` (float64, so Python floats round-trip exactly); metadata holds the kind, format version,
+encoder hash, views (JSON), extra (JSON) and the dim, so a loader can check it before reading tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .errors import BoLIDError
+from .identity import BodyID
+from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+
+BODY_ID_FILE_KIND = "bolid_body_id"
+BODY_ID_FORMAT_VERSION = 1
+BODY_ID_EXTENSION = ".safetensors"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.\-]{0,127}$")
+
+
+class BodyIDFileError(BoLIDError):
+    """A Body ID file is missing, damaged, of another kind, or a name is unusable."""
+
+
+class BodyIDMismatchError(BoLIDError):
+    """Two body identities cannot be combined (different dims or encoders)."""
+
+
+def body_id_path(folder: str | os.PathLike, name: str) -> Path:
+    """``folder/name.safetensors`` for a user-supplied name that cannot leave ``folder``.
+
+    Allowed: letters, digits, space, ``_ . -`` (no separators, no leading dot, no ``..``), at most 128 chars.
+    """
+    name = str(name).strip()
+    if name.lower().endswith(BODY_ID_EXTENSION):
+        name = name[: -len(BODY_ID_EXTENSION)]
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise BodyIDFileError(f"body ID name {name!r} is not allowed: use letters, digits, spaces, '_', '-', '.' "
+                              "(no folders, no '..', not starting with '.'), at most 128 characters")
+    root = Path(folder).resolve()
+    path = (root / f"{name}{BODY_ID_EXTENSION}").resolve()
+    if path.parent != root:
+        raise BodyIDFileError(f"body ID name {name!r} would leave the folder {root}")
+    return path
+
+
+def save_body_id(body_id: BodyID, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``body_id`` atomically; an existing file is an error unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise BodyIDFileError(f"{path} already exists: choose another name or enable overwrite")
+    tensors = {"c_body": body_id.c_body.to(torch.float32)}
+    if body_id.logvar is not None:
+        tensors["logvar"] = body_id.logvar.to(torch.float32)
+    if body_id.view_weights:
+        tensors["view_weights"] = torch.tensor(body_id.view_weights, dtype=torch.float64)
+    try:
+        extra = json.dumps(body_id.extra, sort_keys=True)
+    except TypeError as exc:
+        raise BodyIDFileError(f"body ID extra data is not JSON-serialisable ({exc})") from exc
+    metadata = {"bolid_kind": BODY_ID_FILE_KIND, "bolid_format_version": str(BODY_ID_FORMAT_VERSION),
+                "bolid_body_dim": str(body_id.dim), "bolid_encoder_hash": body_id.encoder_hash,
+                "bolid_views": json.dumps(list(body_id.views)), "bolid_extra": extra}
+    atomic_save_safetensors(tensors, path, metadata)
+    return path
+
+
+def load_body_id(path: str | os.PathLike) -> BodyID:
+    """Read a Body ID file written by :func:`save_body_id`, checking kind, version and shapes."""
+    path = Path(path)
+    metadata = read_safetensors_metadata(path, BodyIDFileError)
+    kind = metadata.get("bolid_kind")
+    if kind != BODY_ID_FILE_KIND:
+        raise BodyIDFileError(f"{path}: not a BoLID body ID (metadata bolid_kind={kind!r}); save identities with "
+                              "the Save Body ID node")
+    if metadata.get("bolid_format_version") != str(BODY_ID_FORMAT_VERSION):
+        raise BodyIDFileError(f"{path}: body ID format version {metadata.get('bolid_format_version')!r} is not "
+                              f"supported (this BoLID reads {BODY_ID_FORMAT_VERSION}); update the node pack")
+    tensors, _ = load_safetensors(path, BodyIDFileError)
+    try:
+        views = tuple(json.loads(metadata.get("bolid_views", "[]")))
+        extra = json.loads(metadata.get("bolid_extra", "{}"))
+        dim = int(metadata["bolid_body_dim"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BodyIDFileError(f"{path}: invalid body ID metadata ({exc})") from exc
+    if "c_body" not in tensors or tuple(tensors["c_body"].shape) != (dim,):
+        raise BodyIDFileError(f"{path}: c_body missing or not a vector of {dim} values; the file is damaged")
+    weights = tuple(float(w) for w in tensors["view_weights"].tolist()) if "view_weights" in tensors else ()
+    if weights and len(weights) != len(views):
+        raise BodyIDFileError(f"{path}: {len(views)} views but {len(weights)} view weights; the file is damaged")
+    try:
+        return BodyID(c_body=tensors["c_body"], logvar=tensors.get("logvar"), views=views, view_weights=weights,
+                      encoder_hash=metadata.get("bolid_encoder_hash", ""), extra=extra)
+    except BoLIDError as exc:
+        raise BodyIDFileError(f"{path}: {exc}") from exc
+
+
+def sample_body_id(dim: int, seed: int, encoder_hash: str = "", temperature: float = 1.0) -> BodyID:
+    """A body drawn from the prior N(0, I) (scaled by ``temperature``), reproducible from ``seed`` on any device."""
+    if dim <= 0:
+        raise ValueError(f"dim must be positive, got {dim}")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    c_body = torch.randn(dim, generator=generator) * float(temperature)
+    return BodyID(c_body=c_body, views=(), view_weights=(), encoder_hash=encoder_hash,
+                  extra={"source": "prior", "seed": int(seed), "temperature": float(temperature)})
+
+
+def blend_body_ids(a: BodyID, b: BodyID, t: float, method: Literal["linear", "slerp"] = "linear") -> BodyID:
+    """Interpolate two identities (t=0 -> a, t=1 -> b); they must come from the same encoder.
+
+    ``slerp`` interpolates direction and norm separately, so a midpoint keeps the typical norm of prior samples
+    (a linear midpoint of two independent N(0, I) draws has ~0.71x their norm, i.e. an atypical body).
+    """
+    if a.dim != b.dim:
+        raise BodyIDMismatchError(f"cannot blend body IDs of {a.dim} and {b.dim} dims: they come from different "
+                                  "encoders; encode both with the same Body-ID encoder")
+    if a.encoder_hash and b.encoder_hash and a.encoder_hash != b.encoder_hash:
+        raise BodyIDMismatchError(f"cannot blend body IDs of different encoders ({a.encoder_hash} vs "
+                                  f"{b.encoder_hash}): their latent spaces are unrelated; re-encode with one")
+    t = float(t)
+    if method == "linear":
+        c_body = torch.lerp(a.c_body, b.c_body, t)
+    elif method == "slerp":
+        na, nb = a.c_body.norm(), b.c_body.norm()
+        ua, ub = a.c_body / na.clamp_min(1e-12), b.c_body / nb.clamp_min(1e-12)
+        omega = torch.arccos((ua * ub).sum().clamp(-1.0, 1.0))
+        if float(omega) < 1e-4 or math.isclose(float(omega), math.pi, abs_tol=1e-4):
+            direction = torch.lerp(ua, ub, t)
+            direction = direction / direction.norm().clamp_min(1e-12)
+        else:
+            direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / torch.sin(omega)
+        c_body = direction * torch.lerp(na, nb, t)
+    else:
+        raise ValueError(f"method must be 'linear' or 'slerp', got {method!r}")
+    logvar = torch.lerp(a.logvar, b.logvar, t) if a.logvar is not None and b.logvar is not None else None
+    views = a.views + b.views
+    weights = tuple(w * (1 - t) for w in a.view_weights) + tuple(w * t for w in b.view_weights)
+    if len(weights) != len(views):
+        weights = ()
+    return BodyID(c_body=c_body, logvar=logvar, views=views, view_weights=weights,
+                  encoder_hash=a.encoder_hash or b.encoder_hash,
+                  extra={"source": "blend", "t": t, "method": method})

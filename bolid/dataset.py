@@ -1,0 +1,426 @@
+"""Identity-folder datasets (kohya-like TOML), the one-time pose/crop cache, and the stage-1 sampler.
+
+Layout on disk: ``<root>/<identity>/*.jpg|jpeg|png|webp`` with optional ``<image stem>.txt`` captions. The
+``[dataset]`` table of a training config names one or more subsets (roots) and the filters. :func:`prepare_dataset`
+runs the pose model once per image and writes one safetensors cache per identity (crops as uint8, keypoints,
+confidences; file names and captions in the metadata), so training never touches the photos or the pose model.
+Every skipped image is logged with its reason and listed in ``prepare_report.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
+
+from .body_encoder import crop_person, detect_people
+from .errors import BoLIDError
+from .keypoints import PersonPose, flip_index
+from .proportions import aggregate_proportions, body_proportions
+from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+
+logger = logging.getLogger("bolid")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+CACHE_FORMAT_VERSION = 1
+CACHE_KIND = "bolid_stage1_cache"
+INDEX_FILE = "index.json"
+REPORT_FILE = "prepare_report.json"
+
+
+class DatasetConfigError(BoLIDError):
+    """The [dataset] table is invalid, or a folder it names does not exist."""
+
+
+class DatasetCacheError(BoLIDError):
+    """The prepared cache is missing, damaged or too small to train on."""
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """One root folder whose sub-folders are identities. ``identities`` restricts to the named sub-folders;
+    ``min_resolution`` overrides the dataset's filter for this root."""
+
+    root: str
+    identities: tuple[str, ...] = ()
+    min_resolution: int | None = None
+    caption_extension: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """The ``[dataset]`` table. min_resolution: shortest image side in px (the paper kept >= 1000 px photos).
+    multi_person_ratio: an image is skipped as "several people" when a second person's box is at least this
+    fraction of the largest one's area (small background people are ignored). min_views: identities need at
+    least this many usable photos (one is held out as the decoder's target)."""
+
+    cache_dir: str
+    subsets: tuple[SubsetConfig, ...]
+    min_resolution: int = 1000
+    crop_size: int = 128
+    min_confidence: float = 0.3
+    multi_person_ratio: float = 0.3
+    min_views: int = 2
+    max_context_views: int = 4
+    caption_extension: str = ".txt"
+    flip: bool = True
+    batch_size_pose: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.subsets:
+            raise DatasetConfigError("[dataset] needs at least one [[dataset.subsets]] entry with a root folder")
+        if self.min_views < 2:
+            raise DatasetConfigError("[dataset] min_views must be >= 2 (one view is held out as the target)")
+        if self.max_context_views < 1 or self.crop_size < 8 or self.min_resolution < 1:
+            raise DatasetConfigError("[dataset] max_context_views >= 1, crop_size >= 8, min_resolution >= 1")
+
+
+def dataset_config_from_dict(raw: dict[str, Any], base_dir: str | os.PathLike = ".") -> DatasetConfig:
+    """Build a DatasetConfig from the TOML ``[dataset]`` table; relative paths are relative to ``base_dir``."""
+    raw = dict(raw)
+    known = {f.name for f in fields(DatasetConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise DatasetConfigError(f"[dataset] has unknown keys {unknown}; known keys: {sorted(known)}")
+    if "cache_dir" not in raw:
+        raise DatasetConfigError("[dataset] needs cache_dir (where the prepared keypoints and crops go)")
+    base = Path(base_dir)
+    subsets = []
+    sub_known = {f.name for f in fields(SubsetConfig)}
+    for i, sub in enumerate(raw.pop("subsets", [])):
+        bad = sorted(set(sub) - sub_known)
+        if bad or "root" not in sub:
+            raise DatasetConfigError(f"[[dataset.subsets]] #{i + 1}: needs 'root', unknown keys {bad}")
+        sub = dict(sub)
+        sub["root"] = str((base / sub["root"]).resolve())
+        sub["identities"] = tuple(sub.get("identities", ()))
+        subsets.append(SubsetConfig(**sub))
+    raw["cache_dir"] = str((base / raw["cache_dir"]).resolve())
+    try:
+        return DatasetConfig(subsets=tuple(subsets), **raw)
+    except TypeError as exc:
+        raise DatasetConfigError(f"[dataset]: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class PrepareReport:
+    """What the prepare step did. ``skipped`` lists (image path, reason) for every image left out."""
+
+    identities: dict[str, int] = field(default_factory=dict)  # identity key -> usable views
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    dropped_identities: list[tuple[str, str]] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+    def skip(self, path: str | Path, reason: str) -> None:
+        self.skipped.append((str(path), reason))
+        logger.warning("BoLID prepare: skipped %s: %s", path, reason)
+
+
+def _identity_key(root: Path, identity: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", identity)[:64] or "identity"
+    return f"{safe}-{hashlib.sha256(str(root / identity).encode()).hexdigest()[:8]}"
+
+
+def list_identities(config: DatasetConfig) -> list[tuple[str, str, SubsetConfig, list[Path]]]:
+    """(key, identity name, subset, sorted image paths) for every identity folder in the config."""
+    out = []
+    for subset in config.subsets:
+        root = Path(subset.root)
+        if not root.is_dir():
+            raise DatasetConfigError(f"dataset root {root} does not exist or is not a folder")
+        names = subset.identities or tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+        for name in names:
+            folder = root / name
+            if not folder.is_dir():
+                raise DatasetConfigError(f"identity folder {folder} (listed in the config) does not exist")
+            images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            out.append((_identity_key(root, name), name, subset, images))
+    return out
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _fingerprint(settings: dict[str, Any], files: Sequence[Path]) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float = 1.15,
+                    progress: Callable[[int, int], None] | None = None) -> PrepareReport:
+    """Run the pose model once over every image and cache crops + keypoints per identity (safetensors).
+
+    Skips, each logged with the image path: unreadable file, shortest side below min_resolution, no person,
+    several people, body keypoint confidence below min_confidence. An identity left with fewer than min_views
+    usable photos is dropped. An identity whose photos and settings did not change is reused as cached.
+    """
+    cache = Path(config.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    report = PrepareReport()
+    index = []
+    identities = list_identities(config)
+    runner_name = str(getattr(pose_runner, "fingerprint", None) or type(pose_runner).__name__)
+    for n, (key, name, subset, images) in enumerate(identities):
+        min_res = subset.min_resolution or config.min_resolution
+        cap_ext = subset.caption_extension or config.caption_extension
+        captions = [p.with_suffix(cap_ext) for p in images]
+        settings = {"crop_size": config.crop_size, "margin": crop_margin, "min_resolution": min_res,
+                    "min_confidence": config.min_confidence, "multi": config.multi_person_ratio,
+                    "pose": runner_name, "version": CACHE_FORMAT_VERSION}
+        fingerprint = _fingerprint(settings, images + [c for c in captions if c.is_file()])
+        out_path = cache / f"{key}.safetensors"
+        reused = _reuse_cache(out_path, fingerprint, report)
+        if reused is not None:
+            report.reused.append(key)
+            report.identities[key] = reused
+            index.append({"key": key, "identity": name, "file": out_path.name, "views": reused})
+            if progress:
+                progress(n + 1, len(identities))
+            continue
+        first_skip = len(report.skipped)
+        views = _prepare_identity(config, pose_runner, images, min_res, crop_margin, report)
+        if len(views) < config.min_views:
+            why = f"only {len(views)} usable photo(s), at least {config.min_views} needed"
+            report.dropped_identities.append((str(Path(subset.root) / name), why))
+            logger.warning("BoLID prepare: dropped identity %s: %s", Path(subset.root) / name, why)
+            if out_path.exists():
+                out_path.unlink()
+        else:
+            _write_identity_cache(out_path, name, views, captions, fingerprint, report.skipped[first_skip:])
+            report.identities[key] = len(views)
+            index.append({"key": key, "identity": name, "file": out_path.name, "views": len(views)})
+        if progress:
+            progress(n + 1, len(identities))
+    (cache / INDEX_FILE).write_text(json.dumps({"identities": index}, indent=1))
+    (cache / REPORT_FILE).write_text(json.dumps(
+        {"identities": report.identities, "skipped": report.skipped, "dropped_identities": report.dropped_identities,
+         "reused": report.reused}, indent=1))
+    logger.info("BoLID prepare: %d identities, %d views, %d images skipped, %d identities dropped -> %s",
+                len(report.identities), sum(report.identities.values()), len(report.skipped),
+                len(report.dropped_identities), cache)
+    return report
+
+
+def _reuse_cache(path: Path, fingerprint: str, report: PrepareReport) -> int | None:
+    if not path.is_file():
+        return None
+    try:
+        meta = read_safetensors_metadata(path, DatasetCacheError)
+    except DatasetCacheError:
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    # skips recorded when the cache was written are reported again, so the report is complete
+    for item in json.loads(meta.get("skipped", "[]")):
+        report.skip(item[0], item[1])
+    return int(meta.get("num_views", "0"))
+
+
+def _prepare_identity(config: DatasetConfig, pose_runner: Any, images: list[Path], min_res: int,
+                      margin: float, report: PrepareReport) -> list[dict[str, Any]]:
+    views: list[dict[str, Any]] = []
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def flush() -> None:
+        people_lists = detect_people(pose_runner, [img for _, img in pending])
+        for (path, img), people in zip(pending, people_lists, strict=True):
+            view = _select_view(path, img, people, config, margin, report)
+            if view is not None:
+                views.append(view)
+        pending.clear()
+
+    for path in images:
+        try:
+            img = _read_rgb(path)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            report.skip(path, f"unreadable ({type(exc).__name__}: {exc})")
+            continue
+        h, w = img.shape[:2]
+        if min(h, w) < min_res:
+            report.skip(path, f"too small ({w}x{h}, shortest side < {min_res} px)")
+            continue
+        pending.append((path, img))
+        if len(pending) >= config.batch_size_pose:
+            flush()
+    if pending:
+        flush()
+    return views
+
+
+def _select_view(path: Path, img: np.ndarray, people: list[PersonPose], config: DatasetConfig, margin: float,
+                 report: PrepareReport) -> dict[str, Any] | None:
+    if not people:
+        report.skip(path, "no person detected")
+        return None
+    people = sorted(people, key=lambda p: p.area, reverse=True)
+    if len(people) > 1 and people[1].area >= config.multi_person_ratio * max(people[0].area, 1e-9):
+        report.skip(path, f"several people ({len(people)} detected; the photos of an identity must show only them)")
+        return None
+    pose = people[0]
+    if not pose.body_confidence >= config.min_confidence:
+        report.skip(path, f"body keypoints not visible enough (confidence {pose.body_confidence:.2f} "
+                          f"< {config.min_confidence:.2f})")
+        return None
+    crop, kp = crop_person(img, pose, config.crop_size, margin)
+    return {"name": path.name, "crop": crop, "keypoints": kp, "image_keypoints": pose.keypoints,
+            "box": pose.box, "weight": pose.body_confidence, "size": (img.shape[1], img.shape[0])}
+
+
+def _write_identity_cache(path: Path, identity: str, views: list[dict[str, Any]], captions: list[Path],
+                          fingerprint: str, skipped: list[tuple[str, str]]) -> None:
+    caption_by_name = {c.with_suffix("").name: c for c in captions}
+    texts = []
+    for v in views:
+        c = caption_by_name.get(Path(v["name"]).stem)
+        texts.append(c.read_text(encoding="utf-8").strip() if c is not None and c.is_file() else "")
+    kp = torch.from_numpy(np.stack([v["keypoints"] for v in views]))
+    props, conf = body_proportions(kp.double())
+    id_props, id_conf = aggregate_proportions(props, conf, dim=0)
+    tensors = {
+        "crops": torch.from_numpy(np.stack([v["crop"] for v in views])),
+        "keypoints": kp,
+        "image_keypoints": torch.from_numpy(np.stack([v["image_keypoints"] for v in views])),
+        "boxes": torch.from_numpy(np.stack([v["box"] for v in views])),
+        "weights": torch.tensor([v["weight"] for v in views], dtype=torch.float32),
+        "proportions": id_props.float(),
+        "proportion_confidence": id_conf.float(),
+    }
+    metadata = {"bolid_kind": CACHE_KIND, "bolid_format_version": str(CACHE_FORMAT_VERSION), "identity": identity,
+                "files": json.dumps([v["name"] for v in views]), "captions": json.dumps(texts),
+                "sizes": json.dumps([list(v["size"]) for v in views]), "fingerprint": fingerprint,
+                "num_views": str(len(views)), "skipped": json.dumps(skipped)}
+    atomic_save_safetensors(tensors, path, metadata)
+
+
+# ----------------------------------------------------------------------------------------------- training data
+
+
+@dataclass
+class IdentityCache:
+    """One identity's cache with small tensors in memory; crops are read row by row from the file."""
+
+    path: Path
+    identity: str
+    files: list[str]
+    captions: list[str]
+    keypoints: torch.Tensor
+    weights: torch.Tensor
+    proportions: torch.Tensor
+    proportion_confidence: torch.Tensor
+
+    @property
+    def num_views(self) -> int:
+        return len(self.files)
+
+
+def load_identity_caches(cache_dir: str | os.PathLike) -> list[IdentityCache]:
+    """The identities listed in ``cache_dir/index.json`` (written by :func:`prepare_dataset`)."""
+    cache = Path(cache_dir)
+    index_path = cache / INDEX_FILE
+    if not index_path.is_file():
+        raise DatasetCacheError(f"{index_path} not found: run the prepare step first "
+                                "(python training/train.py --config <config> --prepare-only)")
+    entries = json.loads(index_path.read_text())["identities"]
+    out = []
+    for e in entries:
+        path = cache / e["file"]
+        tensors, meta = load_safetensors(path, DatasetCacheError)
+        if meta.get("bolid_kind") != CACHE_KIND:
+            raise DatasetCacheError(f"{path}: not a BoLID stage-1 cache file; delete it and run prepare again")
+        out.append(IdentityCache(path, meta.get("identity", e["key"]), json.loads(meta["files"]),
+                                 json.loads(meta.get("captions", "[]")), tensors["keypoints"].float(),
+                                 tensors["weights"].float(), tensors["proportions"].float(),
+                                 tensors["proportion_confidence"].float()))
+    return out
+
+
+class Stage1Dataset(torch.utils.data.Dataset):
+    """Leave-one-out view sets: item i = (1..max_context_views context views, one held-out target) of one
+    identity, all chosen by a generator seeded with (seed, i).
+
+    The length is virtual (``num_samples``): the content of sample i never depends on anything but (seed, i),
+    so a resumed run (which skips the first batches) sees exactly the batches an uninterrupted run would, with
+    any number of data-loader workers or processes.
+    """
+
+    def __init__(self, identities: Sequence[IdentityCache], num_samples: int, max_context_views: int = 4,
+                 seed: int = 0, flip: bool = True) -> None:
+        usable = [c for c in identities if c.num_views >= 2]
+        if not usable:
+            raise DatasetCacheError("no identity has 2 or more usable photos; the stage-1 objective needs a "
+                                    "held-out view per identity (check prepare_report.json)")
+        self.identities = usable
+        self.num_samples = int(num_samples)
+        self.max_context_views = int(max_context_views)
+        self.seed = int(seed)
+        self.flip = bool(flip)
+        self._flip_index = torch.from_numpy(flip_index())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _crops(self, cache: IdentityCache, rows: list[int]) -> torch.Tensor:
+        with safe_open(str(cache.path), framework="pt") as f:
+            sl = f.get_slice("crops")
+            crops = torch.stack([sl[r : r + 1][0] for r in rows])
+        return crops.permute(0, 3, 1, 2).float() / 255.0
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(index)])
+        cache = self.identities[int(rng.integers(len(self.identities)))]
+        n = cache.num_views
+        k = int(rng.integers(1, min(self.max_context_views, n - 1) + 1))
+        rows = [int(r) for r in rng.permutation(n)[: k + 1]]
+        flips = rng.random(k + 1) < 0.5 if self.flip else np.zeros(k + 1, dtype=bool)
+        crops = self._crops(cache, rows)
+        kps = cache.keypoints[rows].clone()
+        for j in np.nonzero(flips)[0]:
+            crops[j] = crops[j].flip(-1)
+            kps[j] = kps[j][self._flip_index]
+            kps[j, :, 0] = 1.0 - kps[j, :, 0]
+        return {"context_crops": crops[1:], "context_keypoints": kps[1:], "context_weights": cache.weights[rows[1:]],
+                "target_crop": crops[0], "target_keypoints": kps[0], "proportions": cache.proportions,
+                "proportion_confidence": cache.proportion_confidence}
+
+
+def stage1_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack items, padding the context views to the batch's largest set with weight-0 (ignored) views."""
+    v = max(it["context_crops"].shape[0] for it in items)
+    out: dict[str, torch.Tensor] = {}
+    for key in ("context_crops", "context_keypoints", "context_weights"):
+        padded = []
+        for it in items:
+            t = it[key]
+            pad = torch.zeros((v - t.shape[0], *t.shape[1:]), dtype=t.dtype)
+            padded.append(torch.cat([t, pad]))
+        out[key] = torch.stack(padded)
+    for key in ("target_crop", "target_keypoints", "proportions", "proportion_confidence"):
+        out[key] = torch.stack([it[key] for it in items])
+    return out
+
+
+def config_summary(config: DatasetConfig) -> dict[str, Any]:
+    """Flat, JSON-friendly view of the dataset config (for logs and exported metadata)."""
+    d = asdict(config)
+    d["subsets"] = [s["root"] for s in d["subsets"]]
+    return d
