@@ -307,14 +307,18 @@ class BodyEncoder(nn.Module):
         return self.proportion_head(z)
 
     def losses(self, batch: dict[str, torch.Tensor], kl_weight: float = 1e-3, recon_weight: float = 1.0,
-               proportion_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """Stage-1 objective on a batch from :class:`bolid.dataset.Stage1Collate`.
+               proportion_weight: float = 1.0, generator: torch.Generator | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Stage-1 objective on a batch from :func:`bolid.dataset.stage1_collate`.
+
+        The reparameterisation noise comes from ``generator`` when given (reproducible, resumable training).
 
         Keys used: context_crops [B,V,3,S,S], context_keypoints [B,V,17,3], context_weights [B,V],
         target_crop [B,3,S,S], target_keypoints [B,17,3], proportions [B,6], proportion_confidence [B,6].
         """
         mu, logvar = self.encode(batch["context_crops"], batch["context_keypoints"], batch["context_weights"])
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + noise * torch.exp(0.5 * logvar)
         r = self.config.decoder_size
         target = F.interpolate(batch["target_crop"], size=(r, r), mode="bilinear", antialias=True,
                                align_corners=False) * 2.0 - 1.0

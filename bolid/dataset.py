@@ -189,6 +189,11 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
                     "pose": runner_name, "version": CACHE_FORMAT_VERSION}
         fingerprint = _fingerprint(settings, images + [c for c in captions if c.is_file()])
         out_path = cache / f"{key}.safetensors"
+        dropped_path = cache / f"{key}.dropped.json"
+        if _reuse_dropped(dropped_path, fingerprint, report):
+            if progress:
+                progress(n + 1, len(identities))
+            continue
         reused = _reuse_cache(out_path, fingerprint, report)
         if reused is not None:
             report.reused.append(key)
@@ -205,7 +210,11 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
             logger.warning("BoLID prepare: dropped identity %s: %s", Path(subset.root) / name, why)
             if out_path.exists():
                 out_path.unlink()
+            # remembered, so an unchanged folder is not run through the pose model again
+            dropped_path.write_text(json.dumps({"fingerprint": fingerprint, "folder": str(Path(subset.root) / name),
+                                                "reason": why, "skipped": report.skipped[first_skip:]}))
         else:
+            dropped_path.unlink(missing_ok=True)
             _write_identity_cache(out_path, name, views, captions, fingerprint, report.skipped[first_skip:])
             report.identities[key] = len(views)
             index.append({"key": key, "identity": name, "file": out_path.name, "views": len(views)})
@@ -219,6 +228,23 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
                 len(report.identities), sum(report.identities.values()), len(report.skipped),
                 len(report.dropped_identities), cache)
     return report
+
+
+def _reuse_dropped(path: Path, fingerprint: str, report: PrepareReport) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("fingerprint") != fingerprint:
+        return False
+    for item in record.get("skipped", []):
+        report.skip(item[0], item[1])
+    report.dropped_identities.append((record["folder"], record["reason"]))
+    logger.warning("BoLID prepare: dropped identity %s: %s (unchanged since the last prepare)", record["folder"],
+                   record["reason"])
+    return True
 
 
 def _reuse_cache(path: Path, fingerprint: str, report: PrepareReport) -> int | None:

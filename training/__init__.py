@@ -1,0 +1,1 @@
+"""Offline BoLID training (both stages) and evaluation; run through training/train.py with accelerate."""

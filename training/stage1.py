@@ -1,0 +1,322 @@
+"""Stage 1: train the Body-ID VAE on identity-grouped photos with accelerate.
+
+Runs unchanged on CPU, one GPU or several (``accelerate launch``): the batch content is a pure function of
+(seed, sample index) and the reparameterisation noise of (seed, step, micro-batch, process), so a run resumed
+from a checkpoint follows the uninterrupted run's trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
+from bolid.dataset import (
+    DatasetCacheError,
+    Stage1Dataset,
+    config_summary,
+    dataset_config_from_dict,
+    load_identity_caches,
+    prepare_dataset,
+    stage1_collate,
+)
+from bolid.errors import BoLIDError
+
+logger = logging.getLogger("bolid")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "bolid_state.json"
+
+
+class TrainingConfigError(BoLIDError):
+    """The training config is invalid."""
+
+
+@dataclass(frozen=True)
+class Stage1TrainingConfig:
+    """The ``[training]`` table of a stage-1 config (see training/configs/stage1_example.toml)."""
+
+    max_steps: int = 20000
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    lr_schedule: str = "cosine"  # "cosine" | "constant" (after the linear warm-up)
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    max_grad_norm: float = 1.0
+    kl_weight: float = 1e-3
+    kl_warmup_steps: int = 1000
+    recon_weight: float = 1.0
+    proportion_weight: float = 1.0
+    checkpointing_steps: int = 1000
+    checkpoints_total_limit: int = 3
+    log_every: int = 10
+    num_workers: int = 2
+    report_to: str = "tensorboard"  # "tensorboard" | "none"
+    export_name: str = "body_encoder.safetensors"
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise TrainingConfigError(f"[training] mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise TrainingConfigError(f"[training] lr_schedule must be cosine/constant, got {self.lr_schedule!r}")
+        if self.report_to not in ("tensorboard", "none"):
+            raise TrainingConfigError(f"[training] report_to must be tensorboard/none, got {self.report_to!r}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise TrainingConfigError(f"[training] {name} must be >= 1")
+
+
+def _table(cls: type, raw: dict[str, Any], name: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise TrainingConfigError(f"[{name}] has unknown keys {unknown}; known keys: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as exc:
+        raise TrainingConfigError(f"[{name}]: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """A whole stage-1 config: output_dir, seed, [model], [dataset], [prepare], [training]."""
+
+    output_dir: Path
+    seed: int
+    model: BodyEncoderConfig
+    dataset: Any  # bolid.dataset.DatasetConfig
+    training: Stage1TrainingConfig
+    prepare: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base_dir: str | Path = ".") -> Stage1Config:
+        base = Path(base_dir)
+        allowed = {"stage", "output_dir", "seed", "model", "dataset", "training", "prepare"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise TrainingConfigError(f"stage-1 config has unknown top-level keys {unknown}; known: {sorted(allowed)}")
+        if "dataset" not in raw or "output_dir" not in raw:
+            raise TrainingConfigError("a stage-1 config needs output_dir and a [dataset] table")
+        prepare = dict(raw.get("prepare", {}))
+        bad = sorted(set(prepare) - {"pose_model", "provider", "detection_conf"})
+        if bad:
+            raise TrainingConfigError(f"[prepare] has unknown keys {bad}; known: pose_model, provider, detection_conf")
+        if "pose_model" in prepare:
+            prepare["pose_model"] = str((base / prepare["pose_model"]).resolve())
+        return cls(output_dir=(base / raw["output_dir"]).resolve(), seed=int(raw.get("seed", 0)),
+                   model=_table(BodyEncoderConfig, dict(raw.get("model", {})), "model"),
+                   dataset=dataset_config_from_dict(raw["dataset"], base),
+                   training=_table(Stage1TrainingConfig, dict(raw.get("training", {})), "training"),
+                   prepare=prepare)
+
+
+def learning_rate_at(step: int, cfg: Stage1TrainingConfig) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to 10%."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders with a completed state file, oldest first."""
+    dirs = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
+    return sorted(dirs, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """``latest`` -> newest complete checkpoint in output_dir (None if there is none); a path -> that folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        if not ckpts:
+            logger.warning("BoLID stage 1: --resume latest: no checkpoint in %s, starting from scratch", output_dir)
+            return None
+        return ckpts[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise TrainingConfigError(f"--resume {resume}: not a BoLID checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def _make_pose_runner(prepare: dict[str, Any]) -> Any:
+    from bolid.pose import PoseRunner  # onnxruntime is only needed when a prepare step actually runs
+
+    runner = PoseRunner(prepare["pose_model"], prepare.get("provider", "auto"))
+    conf = float(prepare.get("detection_conf", 0.25))
+
+    class _Runner:
+        fingerprint = f"{Path(prepare['pose_model']).name}@{conf}"
+
+        def detect(self, images: list) -> list:
+            return runner.detect(images, conf=conf)
+
+    return _Runner()
+
+
+def prepare_stage1(config: Stage1Config, pose_runner: Any = None) -> None:
+    """Run (or reuse) the dataset's pose/crop cache. Without a pose runner or [prepare].pose_model the cache must
+    already exist."""
+    if pose_runner is None and "pose_model" in config.prepare:
+        pose_runner = _make_pose_runner(config.prepare)
+    if pose_runner is None:
+        if not (Path(config.dataset.cache_dir) / "index.json").is_file():
+            raise DatasetCacheError(f"no prepared cache in {config.dataset.cache_dir} and no [prepare] pose_model "
+                                    "to make one: set [prepare] pose_model to a YOLO pose .onnx file")
+        return
+    prepare_dataset(config.dataset, pose_runner, crop_margin=config.model.crop_margin)
+
+
+def _noise_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2 ** 63))
+    return g
+
+
+def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: Any = None,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train the Body-ID VAE; returns {"step", "losses" (per optimizer step), "export" (path), "encoder_hash"}.
+
+    ``on_step(step, logs)`` is called on the main process after every optimizer step (hooks for tests/tools).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    tc = config.training
+    out = config.output_dir
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
+    accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
+                              mixed_precision=tc.mixed_precision, project_config=project,
+                              log_with=None if tc.report_to == "none" else tc.report_to)
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_stage1(config, pose_runner)
+    accelerator.wait_for_everyone()
+
+    identities = load_identity_caches(config.dataset.cache_dir)
+    samples_per_step = tc.batch_size * tc.gradient_accumulation_steps * accelerator.num_processes
+    dataset = Stage1Dataset(identities, tc.max_steps * samples_per_step, config.dataset.max_context_views,
+                            seed=config.seed, flip=config.dataset.flip)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, shuffle=False, drop_last=True,
+                                         collate_fn=stage1_collate, num_workers=tc.num_workers,
+                                         persistent_workers=False)
+    model = BodyEncoder(config.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    step = 0
+    ckpt = resolve_resume(out, resume)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+        logger.info("BoLID stage 1: resumed from %s at step %d", ckpt, step)
+    if tc.report_to != "none":
+        hparams = {**{f"model/{k}": v for k, v in config.model.architecture().items()},
+                   **{f"training/{k}": v for k, v in asdict(tc).items()}, "seed": config.seed,
+                   "identities": len(dataset.identities)}
+        accelerator.init_trackers("bolid_stage1", config=hparams)
+    logger.info("BoLID stage 1: %d identities, %d views, %d processes, %d samples per step",
+                len(dataset.identities), sum(c.num_views for c in dataset.identities), accelerator.num_processes,
+                samples_per_step)
+
+    batches = accelerator.skip_first_batches(loader, step * tc.gradient_accumulation_steps) if step else loader
+    progress = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_local_main_process)
+    history: list[float] = []
+    window: list[dict[str, torch.Tensor]] = []
+    micro = 0
+    model.train()
+    for batch in batches:
+        if step >= tc.max_steps:
+            break
+        kl_weight = tc.kl_weight * (min(1.0, (step + 1) / tc.kl_warmup_steps) if tc.kl_warmup_steps > 0 else 1.0)
+        gen = _noise_generator(config.seed, step, micro, accelerator.process_index, accelerator.device)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                losses = accelerator.unwrap_model(model).losses(
+                    batch, kl_weight=kl_weight, recon_weight=tc.recon_weight,
+                    proportion_weight=tc.proportion_weight, generator=gen)
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and tc.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(step, tc)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        window.append({k: v.detach().float() for k, v in losses.items()})
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        micro = 0
+        logs = {k: accelerator.reduce(torch.stack([w[k] for w in window]).mean(), "mean").item() for k in window[0]}
+        logs["lr"] = learning_rate_at(step - 1, tc)
+        logs["kl_weight"] = kl_weight
+        window.clear()
+        history.append(logs["loss"])
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        if tc.report_to != "none" and (step % tc.log_every == 0 or step == 1):
+            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+        if step % tc.checkpointing_steps == 0 or step == tc.max_steps:
+            _save_checkpoint(accelerator, model, config, step)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(step, logs)
+    progress.close()
+    accelerator.wait_for_everyone()
+    export_path = out / tc.export_name
+    model_hash = ""
+    if accelerator.is_main_process:
+        model_hash = _export(accelerator.unwrap_model(model), export_path, config, step)
+        logger.info("BoLID stage 1: exported the encoder to %s (hash %s)", export_path, model_hash)
+    accelerator.end_training()
+    return {"step": step, "losses": history, "export": export_path, "encoder_hash": model_hash}
+
+
+def _export(model: BodyEncoder, path: Path, config: Stage1Config, step: int) -> str:
+    training = {"stage": 1, "step": step, "seed": config.seed, "training": asdict(config.training),
+                "dataset": config_summary(config.dataset)}
+    return save_body_encoder(model, path, {"bolid_training": json.dumps(training, sort_keys=True, default=str)})
+
+
+def _save_checkpoint(accelerator: Any, model: Any, config: Stage1Config, step: int) -> None:
+    """accelerate state (model, optimizer, RNG) + our step counter + an exported encoder; keep the newest N."""
+    out = config.output_dir
+    path = out / f"{CHECKPOINT_PREFIX}{step:08d}"
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        _export(accelerator.unwrap_model(model), path / config.training.export_name, config, step)
+        # the state file is written last: a folder without it is an incomplete checkpoint and is never resumed
+        (path / STATE_FILE).write_text(json.dumps({"step": step, "stage": 1}))
+        limit = config.training.checkpoints_total_limit
+        if limit > 0:
+            for old in list_checkpoints(out)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+                logger.info("BoLID stage 1: removed old checkpoint %s", old)
+    accelerator.wait_for_everyone()
+
+
+def run(raw_config: dict[str, Any], config_dir: Path, resume: str | None = None, prepare_only: bool = False
+        ) -> dict[str, Any]:
+    """Entry used by training/train.py for ``stage = 1`` configs."""
+    config = Stage1Config.from_dict(raw_config, config_dir)
+    if prepare_only:
+        prepare_stage1(config)
+        return {"prepared": str(config.dataset.cache_dir)}
+    return train_stage1(config, resume=resume)
