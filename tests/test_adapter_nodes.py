@@ -1,0 +1,182 @@
+"""Load/Apply BoLID Adapter nodes against a stand-in ModelPatcher with SD1.5's exact block structure.
+
+The stand-in mimics the part of ComfyUI's ModelPatcher API the node uses (clone, model_options,
+set_model_attn2_replace, get_model_object); the real thing is exercised in test_comfyui_real.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from bolid.adapter import BoLIDAdapter
+from bolid.adapter_io import save_adapter
+from bolid.config import AdapterConfig
+
+SD15_KEYS = [("input", 1, 0), ("input", 2, 0), ("input", 4, 0), ("input", 5, 0), ("input", 7, 0), ("input", 8, 0),
+             ("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)]
+SD15_HIDDEN = {1: 320, 2: 320, 4: 640, 5: 640, 7: 1280, 8: 1280}
+SD15_OUT_HIDDEN = {3: 1280, 4: 1280, 5: 1280, 6: 640, 7: 640, 8: 640, 9: 320, 10: 320, 11: 320}
+SD15_ADAPTER_SIZES = tuple(SD15_HIDDEN.values()) + tuple(SD15_OUT_HIDDEN.values()) + (1280,)
+
+
+def _transformer(hidden: int, ctx: int = 768) -> nn.Module:
+    block = nn.Module()
+    block.attn2 = nn.Module()
+    block.attn2.to_k = nn.Linear(ctx, hidden, bias=False)
+    spatial = nn.Module()
+    spatial.transformer_blocks = nn.ModuleList([block])
+    return spatial
+
+
+def fake_sd15_unet() -> nn.Module:
+    with torch.device("meta"):
+        unet = nn.Module()
+        unet.input_blocks = nn.ModuleList(
+            [nn.Sequential(nn.Identity(), *([_transformer(SD15_HIDDEN[i])] if i in SD15_HIDDEN else []))
+             for i in range(12)])
+        unet.middle_block = nn.Sequential(nn.Identity(), _transformer(1280), nn.Identity())
+        unet.output_blocks = nn.ModuleList(
+            [nn.Sequential(nn.Identity(), *([_transformer(SD15_OUT_HIDDEN[i])] if i in SD15_OUT_HIDDEN else []))
+             for i in range(12)])
+    return unet
+
+
+class FakeSampling:
+    def percent_to_sigma(self, percent: float) -> float:
+        return 0.0 if percent >= 1.0 else 14.6 * (1.0 - percent) ** 2
+
+
+class FakeModelPatcher:
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.model_options = {"transformer_options": {}}
+
+    def clone(self) -> FakeModelPatcher:
+        other = FakeModelPatcher(self.unet)
+        other.model_options = copy.deepcopy(self.model_options)
+        return other
+
+    def get_model_object(self, name: str):
+        return {"diffusion_model": self.unet, "model_sampling": FakeSampling()}[name]
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        to = self.model_options["transformer_options"].setdefault("patches_replace", {}).setdefault("attn2", {})
+        to[(block_name, number, transformer_index)] = patch
+
+
+@pytest.fixture()
+def folders(tmp_path, monkeypatch):
+    """A stand-in for ComfyUI's folder_paths rooted at tmp_path."""
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {"bolid": ([str(tmp_path / "extra")], set())}
+
+    def get_folder_paths(name):
+        return list(fp.folder_names_and_paths[name][0])
+
+    def get_filename_list(name):
+        paths, exts = fp.folder_names_and_paths[name]
+        return sorted(p.name for d in paths for p in sorted(__import__("pathlib").Path(d).glob("*"))
+                      if not exts or p.suffix in exts)
+
+    def get_full_path(name, filename):
+        for d in fp.folder_names_and_paths[name][0]:
+            candidate = __import__("pathlib").Path(d) / filename
+            if candidate.is_file():
+                return str(candidate)
+        return None
+
+    fp.get_folder_paths, fp.get_filename_list, fp.get_full_path = get_folder_paths, get_filename_list, get_full_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    (tmp_path / "extra").mkdir()
+    return fp, tmp_path / "extra"
+
+
+def _adapter_file(folder, name="a.safetensors", sizes=SD15_ADAPTER_SIZES, ctx=768, body_dim=32):
+    save_adapter(BoLIDAdapter(AdapterConfig(context_dim=ctx, hidden_sizes=sizes, body_dim=body_dim)), folder / name)
+    return name
+
+
+def _nodes(pack):
+    return pack.nodes.adapter_nodes
+
+
+def _identity(pack, body_dim=32):
+    ident = pack.bolid.identity
+    return ident.BodyID(torch.randn(body_dim)), ident.FaceEmbeds(torch.nn.functional.normalize(torch.randn(512), dim=0))
+
+
+def test_load_lists_and_keeps_configured_paths(pack, folders):
+    fp, extra = folders
+    name = _adapter_file(extra)
+    node = _nodes(pack).LoadBoLIDAdapter
+    assert name in node.INPUT_TYPES()["required"]["adapter_name"][0]
+    assert str(extra) in fp.get_folder_paths("bolid") and len(fp.get_folder_paths("bolid")) == 2
+    assert ".safetensors" in fp.folder_names_and_paths["bolid"][1]
+    (loaded,) = node().load(name)
+    assert loaded.adapter.config.family == "SD1.5"
+    with pytest.raises(FileNotFoundError, match=r"'missing.safetensors' not found in the 'bolid' folders"):
+        node().load("missing.safetensors")
+
+
+def test_apply_patches_every_sd15_layer_in_mapped_order(pack, folders):
+    _, extra = folders
+    (loaded,) = _nodes(pack).LoadBoLIDAdapter().load(_adapter_file(extra))
+    model = FakeModelPatcher(fake_sd15_unet())
+    body, face = _identity(pack)
+    (patched,) = _nodes(pack).ApplyBoLIDAdapter().apply(model, loaded, 0.7, 0.9, 0.0, 1.0, body_id=body,
+                                                        face_embeds=face)
+    patches = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert sorted(patches) == sorted(SD15_KEYS)
+    # adapter index order: input blocks, output blocks, then the middle block (diffusers' down, up, mid)
+    assert patches[("input", 1, 0)].layer_index == 0
+    assert patches[("output", 3, 0)].layer_index == 6
+    assert patches[("middle", 0, 0)].layer_index == 15
+    assert model.model_options == {"transformer_options": {}}, "the input model is not modified"
+    state = patches[("input", 1, 0)].state
+    assert state.weights == {"face": 0.7, "body": 0.9} and state.sigma_start == pytest.approx(14.6)
+
+
+def test_apply_wraps_existing_patch(pack, folders):
+    _, extra = folders
+    (loaded,) = _nodes(pack).LoadBoLIDAdapter().load(_adapter_file(extra))
+    model = FakeModelPatcher(fake_sd15_unet())
+    foreign = _nodes(pack).ApplyBoLIDAdapter  # any callable object stands in for another pack's patch
+    model.set_model_attn2_replace(foreign, "middle", 0, 0)
+    body, _ = _identity(pack)
+    (patched,) = _nodes(pack).ApplyBoLIDAdapter().apply(model, loaded, 1.0, 1.0, 0.0, 1.0, body_id=body)
+    assert patched.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)].wrapped is foreign
+
+
+def test_apply_errors_name_the_problem(pack, folders):
+    _, extra = folders
+    nodes = _nodes(pack)
+    errors = pack.bolid.errors
+    model = FakeModelPatcher(fake_sd15_unet())
+    body, face = _identity(pack)
+    (sdxl,) = nodes.LoadBoLIDAdapter().load(
+        _adapter_file(extra, "sdxl.safetensors", sizes=(640,) * 4 + (1280,) * 66, ctx=2048))
+    with pytest.raises(errors.AdapterMismatchError,
+                       match=r"adapter is SDXL \(70 layers, ctx 2048\), model is SD1.5 \(16 layers, ctx 768\)"):
+        nodes.ApplyBoLIDAdapter().apply(model, sdxl, 1.0, 1.0, 0.0, 1.0, body_id=body)
+    (sd15,) = nodes.LoadBoLIDAdapter().load(_adapter_file(extra))
+    with pytest.raises(errors.EmbeddingError, match="needs a body_id and/or face_embeds"):
+        nodes.ApplyBoLIDAdapter().apply(model, sd15, 1.0, 1.0, 0.0, 1.0)
+    with pytest.raises(errors.EmbeddingError, match="body identity has 16 dims, the adapter expects 32"):
+        nodes.ApplyBoLIDAdapter().apply(model, sd15, 1.0, 1.0, 0.0, 1.0, body_id=_identity(pack, 16)[0])
+    with pytest.raises(ValueError, match="start_at"):
+        nodes.ApplyBoLIDAdapter().apply(model, sd15, 1.0, 1.0, 0.8, 0.2, body_id=body)
+    with pytest.raises(errors.EmbeddingError, match="NaN"):
+        pack.bolid.identity.FaceEmbeds(torch.full((512,), float("nan")))
+
+
+def test_pack_imports_without_comfyui(pack):
+    assert {"BoLIDLoadAdapter", "BoLIDApplyAdapter"} <= set(pack.NODE_CLASS_MAPPINGS)
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        assert isinstance(cls.RETURN_TYPES, tuple) and isinstance(cls.FUNCTION, str) and cls.CATEGORY
