@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BoLIDError
-from .keypoints import NUM_KEYPOINTS, PersonPose
+from .keypoints import NUM_KEYPOINTS, SKELETON, PersonPose
 from .onnx_providers import create_session
 
 logger = logging.getLogger("bolid")
@@ -163,6 +163,28 @@ def select_person(poses: Sequence[PersonPose], choice: str = "largest") -> Perso
         return None
     key = (lambda p: p.area) if choice == "largest" else (lambda p: p.score)
     return max(poses, key=key)
+
+
+def draw_poses(image: np.ndarray, poses: Sequence[PersonPose | None], kpt_conf: float = 0.3) -> np.ndarray:
+    """A copy of the RGB image with each person's box, COCO skeleton and confident keypoints drawn (preview)."""
+    import cv2
+
+    canvas = to_uint8_rgb(image).copy()
+    thick = max(1, round(max(canvas.shape[:2]) / 400))
+    for pose in poses:
+        if pose is None:
+            continue
+        x1, y1, x2, y2 = (int(round(v)) for v in pose.box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), (255, 200, 0), thick)
+        kp = pose.keypoints
+        for a, b in SKELETON:
+            if kp[a, 2] >= kpt_conf and kp[b, 2] >= kpt_conf:
+                cv2.line(canvas, (int(kp[a, 0]), int(kp[a, 1])), (int(kp[b, 0]), int(kp[b, 1])), (0, 255, 128),
+                         thick, cv2.LINE_AA)
+        for x, y, c in kp:
+            if c >= kpt_conf:
+                cv2.circle(canvas, (int(x), int(y)), thick + 2, (255, 64, 64), -1, cv2.LINE_AA)
+    return canvas
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from .comfy_env import register_model_folders_if_in_comfyui
 
 _NODE_MODULES = (
     "adapter_nodes",
+    "body_nodes",
+    "perception_nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

@@ -1,0 +1,221 @@
+"""Perception nodes: load a YOLO pose ONNX model / an InsightFace pack, detect body pose, encode a face.
+
+Stateless: loaders return runner objects (BOLID_POSE_MODEL, BOLID_FACE_ANALYSIS) and ComfyUI's own output cache
+keeps them alive between runs. Batches show a progress bar and stop when the user cancels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..bolid.face import FaceAnalyzer, check_face_model_dir
+from ..bolid.keypoints import PersonPose
+from ..bolid.onnx_providers import PROVIDER_CHOICES
+from ..bolid.pose import PERSON_CHOICES, PoseRunner, draw_poses
+from .comfy_env import folder_paths_module, model_file_list, model_file_path
+
+logger = logging.getLogger("bolid")
+CATEGORY = "BoLID/perception"
+DEFAULT_FACE_PACKS = ("antelopev2", "buffalo_l")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ComfyUI helpers (no-ops outside ComfyUI)
+
+
+def batch_progress(total: int) -> Callable[[int], None]:
+    """A per-item step function: checks for cancellation and advances ComfyUI's progress bar."""
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+        import comfy.utils  # type: ignore[import-not-found]
+    except ImportError:
+        return lambda done: None
+    bar = comfy.utils.ProgressBar(total)
+
+    def step(done: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return step
+
+
+def check_interrupted() -> None:
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def insightface_roots() -> list[str]:
+    """Folders that hold ``models/<pack>/``: a registered "insightface" folder, else models/insightface."""
+    fp = folder_paths_module()
+    roots = []
+    if "insightface" in getattr(fp, "folder_names_and_paths", {}):
+        roots.extend(fp.get_folder_paths("insightface"))
+    default = os.path.join(fp.models_dir, "insightface")
+    if default not in roots:
+        roots.append(default)
+    return roots
+
+
+def insightface_pack_names() -> list[str]:
+    """Packs found (folders with .onnx files), plus the usual names so a missing pack gives a useful error."""
+    names = []
+    for root in insightface_roots():
+        models = os.path.join(root, "models")
+        if os.path.isdir(models):
+            for entry in sorted(os.listdir(models)):
+                folder = os.path.join(models, entry)
+                if os.path.isdir(folder) and any(f.endswith(".onnx") for f in os.listdir(folder)):
+                    names.append(entry)
+    return list(dict.fromkeys(names + list(DEFAULT_FACE_PACKS)))
+
+
+def insightface_pack_dir(name: str) -> str:
+    """The first root that holds the pack; else the default location (whose absence the loader reports)."""
+    roots = insightface_roots()
+    for root in roots:
+        folder = os.path.join(root, "models", name)
+        if os.path.isdir(folder):
+            return folder
+    return os.path.join(roots[-1], "models", name)
+
+
+def image_batch_to_numpy(image: torch.Tensor) -> list[np.ndarray]:
+    """ComfyUI IMAGE [B,H,W,C] float 0..1 -> list of HxWx3 uint8 RGB."""
+    if image.ndim == 3:
+        image = image[None]
+    arr = image[..., :3].detach().float().cpu().clamp(0, 1).numpy()
+    return [np.rint(a * 255.0).astype(np.uint8) for a in arr]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nodes
+
+
+class LoadPoseModel:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
+        return {"required": {
+            "model_name": (model_file_list("bolid_pose"), {"tooltip": "YOLO pose ONNX file in models/bolid_pose "
+                                                                       "(export with python -m bolid.pose export)"}),
+            "provider": (list(PROVIDER_CHOICES), {"default": "auto"}),
+        }}
+
+    RETURN_TYPES = ("BOLID_POSE_MODEL",)
+    RETURN_NAMES = ("pose_model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a YOLO11-pose ONNX model on onnxruntime; the log says which provider actually runs."
+
+    def load(self, model_name: str, provider: str) -> tuple[PoseRunner]:
+        runner = PoseRunner(model_file_path("bolid_pose", model_name), provider=provider)
+        logger.info("BoLID: loaded pose model %s", runner.describe())
+        return (runner,)
+
+
+class LoadInsightFace:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "model_name": (insightface_pack_names(), {"tooltip": "folder in models/insightface/models/"}),
+            "provider": (list(PROVIDER_CHOICES), {"default": "auto"}),
+        }}
+
+    RETURN_TYPES = ("BOLID_FACE_ANALYSIS",)
+    RETURN_NAMES = ("face_analysis",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads an InsightFace pack (detector + ArcFace) from models/insightface/models/<name>/; "
+                   "nothing is downloaded.")
+
+    def load(self, model_name: str, provider: str) -> tuple[FaceAnalyzer]:
+        folder = insightface_pack_dir(model_name)
+        check_face_model_dir(folder)  # before InsightFace, which would try a download
+        analyzer = FaceAnalyzer(folder, provider=provider)
+        logger.info("BoLID: loaded %s", analyzer.describe())
+        return (analyzer,)
+
+
+class DetectBodyPose:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "pose_model": ("BOLID_POSE_MODEL",),
+            "image": ("IMAGE",),
+            "confidence": ("FLOAT", {"default": 0.25, "min": 0.01, "max": 1.0, "step": 0.01,
+                                     "tooltip": "minimum person detection score"}),
+            "person": (list(PERSON_CHOICES), {"default": "largest",
+                                              "tooltip": "which person is 'the' person when there are several"}),
+        }}
+
+    RETURN_TYPES = ("BOLID_POSES", "IMAGE")
+    RETURN_NAMES = ("poses", "preview")
+    FUNCTION = "detect"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Finds the main person in each image: box and 17 COCO keypoints with confidences (None where "
+                   "nobody is found), plus a preview with the skeleton drawn.")
+
+    def detect(self, pose_model: PoseRunner, image: torch.Tensor, confidence: float,
+               person: str) -> tuple[list[PersonPose | None], torch.Tensor]:
+        frames = image_batch_to_numpy(image)
+        step = batch_progress(len(frames))
+        poses: list[PersonPose | None] = []
+        previews = []
+        for i, frame in enumerate(frames, start=1):
+            check_interrupted()
+            main = pose_model.detect_main(frame, conf=confidence, choice=person)[0]
+            if main is None:
+                logger.warning("BoLID: no person found in image %d of %d (confidence >= %.2f)", i, len(frames),
+                               confidence)
+            poses.append(main)
+            previews.append(draw_poses(frame, [main]))
+            step(i)
+        preview = torch.from_numpy(np.stack(previews).astype(np.float32) / 255.0)
+        return (poses, preview)
+
+
+class EncodeFace:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "face_analysis": ("BOLID_FACE_ANALYSIS",),
+            "image": ("IMAGE",),
+            "no_face": (["error", "skip"], {"default": "error",
+                                           "tooltip": "an image without a face: stop with an error naming it, "
+                                                      "or leave it out of the average"}),
+        }}
+
+    RETURN_TYPES = ("BOLID_FACE_EMBEDS",)
+    RETURN_NAMES = ("face_embeds",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("ArcFace embedding of the largest face in each image, averaged over the batch and renormalised "
+                   "(detection retries 640, 512, 384, 256).")
+
+    def encode(self, face_analysis: FaceAnalyzer, image: torch.Tensor, no_face: str):
+        frames = image_batch_to_numpy(image)
+        step = batch_progress(len(frames))
+        embeds = face_analysis.embed(frames, no_face=no_face, callback=lambda done, total: step(done))
+        logger.info("BoLID: face embedding from %d of %d images", embeds.num_images, len(frames))
+        return (embeds,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "BoLIDLoadPoseModel": LoadPoseModel,
+    "BoLIDLoadInsightFace": LoadInsightFace,
+    "BoLIDDetectBodyPose": DetectBodyPose,
+    "BoLIDEncodeFace": EncodeFace,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "BoLIDLoadPoseModel": "Load Pose Model (YOLO ONNX)",
+    "BoLIDLoadInsightFace": "Load InsightFace",
+    "BoLIDDetectBodyPose": "Detect Body Pose",
+    "BoLIDEncodeFace": "Encode Face",
+}
