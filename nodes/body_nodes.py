@@ -1,0 +1,286 @@
+"""Body identity nodes: load the Body-ID encoder, encode a body from photos, save/load/sample/blend Body IDs.
+
+All nodes are stateless; identities live in the one "bolid_body_ids" folder that both Save and Load use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..bolid.body_encoder import (
+    BodyEncodeError,
+    BodyEncoder,
+    crop_person,
+    detect_people,
+    encode_body,
+    encoder_hash,
+    load_body_encoder,
+    main_person,
+)
+from ..bolid.body_id_io import BodyIDFileError, blend_body_ids, body_id_path, load_body_id, sample_body_id, save_body_id
+from ..bolid.identity import BodyID
+from ..bolid.keypoints import SKELETON, PersonPose
+from .comfy_env import folder_paths_module, model_file_list, model_file_path, register_model_folders
+
+logger = logging.getLogger("bolid")
+CATEGORY = "BoLID/body"
+BODY_IDS_FOLDER = "bolid_body_ids"
+PREVIEW_SIZE = 192
+POSE_CHUNK = 8
+SEVERAL_PEOPLE = ("use the largest", "skip the image")
+
+
+def images_to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """ComfyUI IMAGE [B, H, W, C] float 0..1 -> list of HxWx3 uint8 RGB arrays."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise BodyEncodeError(f"expected a non-empty IMAGE batch [B, H, W, C], got {shape}")
+    if images.shape[-1] == 1:
+        images = images.expand(*images.shape[:-1], 3)
+    rgb = (images[..., :3].detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    return [np.ascontiguousarray(im) for im in rgb]
+
+
+def _progress(total: int) -> Any:
+    try:
+        import comfy.utils  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return comfy.utils.ProgressBar(total)
+
+
+def _check_interrupted() -> None:
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def _detect(pose_model: Any, images: list[np.ndarray]) -> list[list[PersonPose]]:
+    """Pose detection in chunks, with ComfyUI's progress bar and interruption."""
+    bar = _progress(len(images))
+    out: list[list[PersonPose]] = []
+    for start in range(0, len(images), POSE_CHUNK):
+        _check_interrupted()
+        chunk = images[start:start + POSE_CHUNK]
+        out.extend(detect_people(pose_model, chunk))
+        if bar is not None:
+            bar.update(len(chunk))
+    return out
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def preview_views(images: list[np.ndarray], poses: list[PersonPose], names: list[str], weights: list[float],
+                  margin: float) -> torch.Tensor:
+    """The views used, each as its person crop with the skeleton, its name and a bar showing its weight."""
+    total = sum(weights) or 1.0
+    tiles = []
+    for image, pose, name, w in zip(images, poses, names, weights, strict=True):
+        crop, kp = crop_person(image, pose, PREVIEW_SIZE, margin)
+        tile = Image.fromarray(crop)
+        draw = ImageDraw.Draw(tile)
+        pts = kp[:, :2] * PREVIEW_SIZE
+        for a, b in SKELETON:
+            if kp[a, 2] > 0.3 and kp[b, 2] > 0.3:
+                draw.line([tuple(pts[a]), tuple(pts[b])], fill=(0, 255, 128), width=2)
+        bar_h = 22
+        draw.rectangle([0, PREVIEW_SIZE - bar_h, PREVIEW_SIZE, PREVIEW_SIZE], fill=(0, 0, 0))
+        draw.rectangle([0, PREVIEW_SIZE - 4, int(PREVIEW_SIZE * w), PREVIEW_SIZE], fill=(255, 200, 0))
+        draw.text((4, PREVIEW_SIZE - bar_h + 2), f"{name}  w={w:.2f} ({100 * w / total:.0f}%)",
+                  fill=(255, 255, 255), font=_font(12))
+        tiles.append(np.asarray(tile, dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(tiles))
+
+
+class LoadBodyEncoder:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
+        return {"required": {"encoder_name": (model_file_list("bolid"),)}}
+
+    RETURN_TYPES = ("BOLID_BODY_ENCODER",)
+    RETURN_NAMES = ("body_encoder",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a Body-ID encoder (.safetensors from models/bolid, exported by stage-1 training)."
+
+    def load(self, encoder_name: str) -> tuple[BodyEncoder]:
+        encoder = load_body_encoder(model_file_path("bolid", encoder_name))
+        logger.info("BoLID: loaded body encoder %s (c_body dim %d, hash %s)", encoder_name,
+                    encoder.latent_dim, encoder_hash(encoder))
+        return (encoder,)
+
+
+class EncodeBodyFromImages:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "body_encoder": ("BOLID_BODY_ENCODER",),
+            "pose_model": ("BOLID_POSE_MODEL",),
+            "images": ("IMAGE",),
+            "min_confidence": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
+                                         "tooltip": "views whose mean body-joint confidence is lower are skipped"}),
+            "several_people": (list(SEVERAL_PEOPLE), {"default": SEVERAL_PEOPLE[0]}),
+        }}
+
+    RETURN_TYPES = ("BOLID_BODY_ID", "IMAGE")
+    RETURN_NAMES = ("body_id", "views_preview")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Encodes one person's body identity from one or more photos; views are weighted by pose "
+                   "confidence. The preview shows the views used and their weights.")
+
+    def encode(self, body_encoder: BodyEncoder, pose_model: Any, images: torch.Tensor, min_confidence: float,
+               several_people: str = SEVERAL_PEOPLE[0]) -> tuple[BodyID, torch.Tensor]:
+        arrays = images_to_uint8(images)
+        names = [f"image {i}" for i in range(len(arrays))]
+        people = _detect(pose_model, arrays)
+        poses: list[PersonPose | None] = []
+        for name, found in zip(names, people, strict=True):
+            if len(found) > 1:
+                if several_people == SEVERAL_PEOPLE[1]:
+                    logger.warning("BoLID encode body: skipped %s: %d people detected", name, len(found))
+                    poses.append(None)
+                    continue
+                logger.info("BoLID encode body: %s shows %d people, using the largest", name, len(found))
+            poses.append(main_person(found))
+        try:
+            result = encode_body(body_encoder, arrays, poses, names, min_confidence)
+        except BodyEncodeError as exc:
+            raise BodyEncodeError(f"Encode Body From Images: {exc}") from exc
+        index = {n: i for i, n in enumerate(names)}
+        used = [index[n] for n in result.used]
+        preview = preview_views([arrays[i] for i in used], [poses[i] for i in used], result.used, result.weights,
+                                body_encoder.config.crop_margin)
+        logger.info("BoLID encode body: %d view(s) used (%s), %d skipped", len(used),
+                    ", ".join(f"{n} w={w:.2f}" for n, w in zip(result.used, result.weights, strict=True)),
+                    len(result.skipped))
+        return (result.body_id, preview)
+
+
+def body_ids_folder() -> Path:
+    """The folder Save Body ID writes to: the first "bolid_body_ids" path (Load lists all of them)."""
+    register_model_folders()
+    return Path(folder_paths_module().get_folder_paths(BODY_IDS_FOLDER)[0])
+
+
+class SaveBodyID:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "body_id": ("BOLID_BODY_ID",),
+            "name": ("STRING", {"default": "my_body"}),
+            "overwrite": ("BOOLEAN", {"default": False}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Saves a body identity to models/bolid_body_ids so it can be reused with text only."
+
+    def save(self, body_id: BodyID, name: str, overwrite: bool) -> tuple[str]:
+        path = body_id_path(body_ids_folder(), name)
+        save_body_id(body_id, path, overwrite=overwrite)
+        logger.info("BoLID: saved body ID %s (%d dims, %d views)", path, body_id.dim, len(body_id.views))
+        return (path.name,)
+
+
+class LoadBodyID:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {"body_id_name": (model_file_list(BODY_IDS_FOLDER),)}}
+
+    RETURN_TYPES = ("BOLID_BODY_ID",)
+    RETURN_NAMES = ("body_id",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a body identity saved by Save Body ID (models/bolid_body_ids)."
+
+    @classmethod
+    def IS_CHANGED(cls, body_id_name: str):  # noqa: N802 - a re-saved file must be re-read
+        try:
+            st = os.stat(model_file_path(BODY_IDS_FOLDER, body_id_name))
+        except (OSError, FileNotFoundError):
+            return ""
+        return f"{st.st_mtime_ns}-{st.st_size}"
+
+    def load(self, body_id_name: str) -> tuple[BodyID]:
+        path = Path(model_file_path(BODY_IDS_FOLDER, body_id_name)).resolve()
+        roots = [Path(p).resolve() for p in folder_paths_module().get_folder_paths(BODY_IDS_FOLDER)]
+        if not any(path.is_relative_to(r) for r in roots):
+            raise BodyIDFileError(f"body ID {body_id_name!r} is outside the bolid_body_ids folders")
+        return (load_body_id(path),)
+
+
+class SampleBodyID:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "body_encoder": ("BOLID_BODY_ENCODER",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF}),
+            "temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05,
+                                      "tooltip": "scale of the draw; < 1 gives more typical bodies"}),
+        }}
+
+    RETURN_TYPES = ("BOLID_BODY_ID",)
+    RETURN_NAMES = ("body_id",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Draws a new body identity from the encoder's prior N(0, I), reproducibly from the seed."
+
+    def sample(self, body_encoder: BodyEncoder, seed: int, temperature: float) -> tuple[BodyID]:
+        return (sample_body_id(body_encoder.latent_dim, seed, encoder_hash(body_encoder), temperature),)
+
+
+class BlendBodyIDs:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "body_id_a": ("BOLID_BODY_ID",),
+            "body_id_b": ("BOLID_BODY_ID",),
+            "t": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "0 = a, 1 = b"}),
+            "method": (["linear", "slerp"], {"default": "linear"}),
+        }}
+
+    RETURN_TYPES = ("BOLID_BODY_ID",)
+    RETURN_NAMES = ("body_id",)
+    FUNCTION = "blend"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Interpolates two body identities of the same encoder (slerp keeps prior-like norms)."
+
+    def blend(self, body_id_a: BodyID, body_id_b: BodyID, t: float, method: str) -> tuple[BodyID]:
+        return (blend_body_ids(body_id_a, body_id_b, t, method),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "BoLIDLoadBodyEncoder": LoadBodyEncoder,
+    "BoLIDEncodeBodyFromImages": EncodeBodyFromImages,
+    "BoLIDSaveBodyID": SaveBodyID,
+    "BoLIDLoadBodyID": LoadBodyID,
+    "BoLIDSampleBodyID": SampleBodyID,
+    "BoLIDBlendBodyIDs": BlendBodyIDs,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "BoLIDLoadBodyEncoder": "Load Body-ID Encoder (BoLID)",
+    "BoLIDEncodeBodyFromImages": "Encode Body From Images (BoLID)",
+    "BoLIDSaveBodyID": "Save Body ID (BoLID)",
+    "BoLIDLoadBodyID": "Load Body ID (BoLID)",
+    "BoLIDSampleBodyID": "Sample Body ID (BoLID)",
+    "BoLIDBlendBodyIDs": "Blend Body IDs (BoLID)",
+}
