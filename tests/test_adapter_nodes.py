@@ -160,8 +160,8 @@ def test_apply_errors_name_the_problem(pack, folders):
     errors = pack.bolid.errors
     model = FakeModelPatcher(fake_sd15_unet())
     body, face = _identity(pack)
-    (sdxl,) = nodes.LoadBoLIDAdapter().load(
-        _adapter_file(extra, "sdxl.safetensors", sizes=(640,) * 4 + (1280,) * 66, ctx=2048))
+    sdxl_config = AdapterConfig(context_dim=2048, hidden_sizes=(640,) * 4 + (1280,) * 66)
+    sdxl = nodes.LoadedAdapter(types.SimpleNamespace(config=sdxl_config), "sdxl")  # the check reads only the config
     with pytest.raises(errors.AdapterMismatchError,
                        match=r"adapter is SDXL \(70 layers, ctx 2048\), model is SD1.5 \(16 layers, ctx 768\)"):
         nodes.ApplyBoLIDAdapter().apply(model, sdxl, 1.0, 1.0, 0.0, 1.0, body_id=body)

@@ -166,17 +166,17 @@ def test_adapter_registered_with_memory_manager(comfy_nodes, tiny):
 
 
 def test_wrong_family_is_named_at_apply_time(comfy_nodes, tiny):
+    import types
+
     patcher, _, face, body = tiny
     sdxl = AdapterConfig(context_dim=2048, hidden_sizes=(640,) * 4 + (1280,) * 66, body_dim=BODY_DIM)
-    from bolid.adapter import BoLIDAdapter
-
-    save_adapter(BoLIDAdapter(sdxl), comfy_nodes.bolid_extra_folder / "sdxl.safetensors")
-    (loaded,) = comfy_nodes.NODE_CLASS_MAPPINGS["BoLIDLoadAdapter"]().load("sdxl.safetensors")
-    module = type(loaded).__module__.rsplit(".", 2)[0]
+    apply_cls = comfy_nodes.NODE_CLASS_MAPPINGS["BoLIDApplyAdapter"]
+    module = apply_cls.__module__.rsplit(".", 2)[0]
+    nodes_mod = __import__(f"{module}.nodes.adapter_nodes", fromlist=["LoadedAdapter"])
     identity = __import__(f"{module}.bolid.identity", fromlist=["BodyID"])
     errors = __import__(f"{module}.bolid.errors", fromlist=["AdapterMismatchError"])
+    loaded = nodes_mod.LoadedAdapter(types.SimpleNamespace(config=sdxl), "sdxl")  # the check reads only the config
     with pytest.raises(errors.AdapterMismatchError, match=r"adapter is SDXL \(70 layers, ctx 2048\), model is "
                                                           r"custom \(16 layers, ctx 64\)"):
-        comfy_nodes.NODE_CLASS_MAPPINGS["BoLIDApplyAdapter"]().apply(
-            patcher, loaded, 1.0, 1.0, 0.0, 1.0, body_id=identity.BodyID(body[0]))
+        apply_cls().apply(patcher, loaded, 1.0, 1.0, 0.0, 1.0, body_id=identity.BodyID(body[0]))
     assert AdapterMismatchError is not errors.AdapterMismatchError  # two copies: top-level and as loaded by ComfyUI
