@@ -421,8 +421,8 @@ def detect_people(runner: Any, images: Sequence[np.ndarray]) -> list[list[Person
     for r in results:
         if r is None:
             out.append([])
-        elif isinstance(r, PersonPose):
-            out.append([r])
+        elif hasattr(r, "keypoints") and hasattr(r, "box"):  # one PersonPose (duck-typed: the pack may be
+            out.append([r])                                 # imported under two names in one process)
         else:
             out.append([p for p in r if p is not None])
     return out

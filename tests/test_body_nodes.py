@@ -1,0 +1,181 @@
+"""Body identity nodes with a stand-in folder_paths and a fake pose model (hand-made PersonPose values)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bolid.keypoints import PersonPose  # a plain record: the pack's code reads it by duck typing
+
+TINY = {"latent_dim": 8, "crop_size": 16, "decoder_size": 8, "width": 4, "hidden": 16}
+NODE_IDS = ("BoLIDLoadBodyEncoder", "BoLIDEncodeBodyFromImages", "BoLIDSaveBodyID", "BoLIDLoadBodyID",
+            "BoLIDSampleBodyID", "BoLIDBlendBodyIDs")
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """A stand-in for ComfyUI's folder_paths rooted at tmp_path/models."""
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {}
+
+    def get_folder_paths(name):
+        return list(fp.folder_names_and_paths[name][0])
+
+    def get_filename_list(name):
+        paths, exts = fp.folder_names_and_paths[name]
+        return sorted(p.name for d in paths for p in Path(d).glob("*") if p.suffix in exts)
+
+    def get_full_path(name, filename):
+        for d in fp.folder_names_and_paths[name][0]:
+            candidate = Path(d) / filename
+            if candidate.is_file():
+                return str(candidate)
+        return None
+
+    fp.get_folder_paths, fp.get_filename_list, fp.get_full_path = get_folder_paths, get_filename_list, get_full_path
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    for sub in ("bolid", "bolid_body_ids"):
+        (tmp_path / "models" / sub).mkdir(parents=True)
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def nodes(pack):
+    return pack.nodes.body_nodes
+
+
+@pytest.fixture
+def be(pack):
+    """The pack's own bolid.body_encoder (classes must come from the package the nodes use)."""
+    return pack.bolid.body_encoder
+
+
+@pytest.fixture
+def ids(pack):
+    return pack.bolid.body_id_io
+
+
+@pytest.fixture
+def encoder(be):
+    torch.manual_seed(0)
+    return be.BodyEncoder(be.BodyEncoderConfig(**TINY)).eval()
+
+
+def standing_person(x0: float = 40.0, scale: float = 1.0, conf: float = 0.9) -> PersonPose:
+    kp = np.zeros((17, 3), dtype=np.float32)
+    pts = {0: (30, 10), 5: (40, 25), 6: (20, 25), 7: (44, 40), 8: (16, 40), 9: (46, 55), 10: (14, 55),
+           11: (36, 60), 12: (24, 60), 13: (37, 80), 14: (23, 80), 15: (37, 98), 16: (23, 98)}
+    for i, (x, y) in pts.items():
+        kp[i] = (x0 - 30 + x * scale, y * scale, conf)
+    lo, hi = kp[:, :2].min(0) - 4, kp[:, :2].max(0) + 4
+    return PersonPose(box=np.concatenate([lo, hi]), score=0.9, keypoints=kp)
+
+
+class FakePoseModel:
+    """Answers with hand-made poses per image content, like bolid.pose.PoseRunner.detect."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, list[PersonPose]] = {}
+
+    def add(self, image: torch.Tensor, people: list[PersonPose]) -> None:
+        self.table[self._key((image.numpy() * 255).round().astype(np.uint8))] = people
+
+    @staticmethod
+    def _key(image: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(image[..., :3]).tobytes()).hexdigest()
+
+    def detect(self, images):
+        return [self.table.get(self._key(im), []) for im in images]
+
+
+def comfy_images(n: int, h: int = 110, w: int = 90) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return (torch.rand(n, h, w, 3, generator=g) * 255).round() / 255
+
+
+def test_nodes_are_registered_with_prefix_and_category(pack, folders):
+    for node_id in NODE_IDS:
+        cls = pack.NODE_CLASS_MAPPINGS[node_id]
+        assert cls.CATEGORY == "BoLID/body" and node_id in pack.NODE_DISPLAY_NAME_MAPPINGS
+        assert callable(getattr(cls(), cls.FUNCTION))
+        inputs = cls.INPUT_TYPES()["required"]
+        assert inputs
+    assert pack.NODE_CLASS_MAPPINGS["BoLIDEncodeBodyFromImages"].RETURN_TYPES == ("BOLID_BODY_ID", "IMAGE")
+
+
+def test_load_body_encoder_node(nodes, folders, encoder, be):
+    be.save_body_encoder(encoder, folders / "bolid" / "enc.safetensors")
+    (folders / "bolid" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert nodes.LoadBodyEncoder.INPUT_TYPES()["required"]["encoder_name"][0] == ["broken.safetensors",
+                                                                                  "enc.safetensors"]
+    (loaded,) = nodes.LoadBodyEncoder().load("enc.safetensors")
+    assert loaded.config == encoder.config and not loaded.training
+    with pytest.raises(be.BodyEncoderFileError, match="broken.safetensors"):
+        nodes.LoadBodyEncoder().load("broken.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        nodes.LoadBodyEncoder().load("missing.safetensors")
+
+
+def test_encode_body_from_images(nodes, encoder, caplog):
+    images = comfy_images(4)
+    pose = FakePoseModel()
+    pose.add(images[0], [standing_person()])
+    pose.add(images[2], [standing_person(45, 1.0, 0.8), standing_person(20, 0.4)])  # a small bystander
+    pose.add(images[3], [standing_person(conf=0.1)])  # body barely visible
+    # image 1: nobody
+    body_id, preview = nodes.EncodeBodyFromImages().encode(encoder, pose, images, 0.3)
+    assert body_id.views == ("image 0", "image 2") and body_id.view_weights == pytest.approx((0.9, 0.8))
+    assert body_id.dim == 8 and torch.isfinite(body_id.c_body).all()
+    assert preview.shape == (2, 192, 192, 3) and 0 <= preview.min() and preview.max() <= 1
+    log = caplog.text
+    assert "image 1: no person detected" in log and "image 3: body keypoint confidence 0.10" in log
+    skip, _ = nodes.EncodeBodyFromImages().encode(encoder, pose, images, 0.3, "skip the image")
+    assert skip.views == ("image 0",)
+    # the identity does not depend on the order of the photos
+    again, _ = nodes.EncodeBodyFromImages().encode(encoder, pose, images[[2, 1, 0]], 0.3)
+    torch.testing.assert_close(again.c_body, body_id.c_body, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_errors(nodes, encoder, be):
+    images = comfy_images(2)
+    with pytest.raises(be.BodyEncodeError, match=r"image 0: no person detected; image 1: no person detected"):
+        nodes.EncodeBodyFromImages().encode(encoder, FakePoseModel(), images, 0.3)
+    with pytest.raises(be.BodyEncodeError, match="non-empty IMAGE batch"):
+        nodes.EncodeBodyFromImages().encode(encoder, FakePoseModel(), images[:0], 0.3)
+
+
+def test_save_and_load_body_id_nodes_share_one_folder(nodes, folders, ids):
+    bid = ids.sample_body_id(8, seed=4, encoder_hash="h1")
+    (name,) = nodes.SaveBodyID().save(bid, "alice", False)
+    assert name == "alice.safetensors" and (folders / "bolid_body_ids" / name).is_file()
+    assert nodes.LoadBodyID.INPUT_TYPES()["required"]["body_id_name"][0] == ["alice.safetensors"]
+    (loaded,) = nodes.LoadBodyID().load("alice.safetensors")
+    assert torch.equal(loaded.c_body, bid.c_body) and loaded.encoder_hash == "h1"
+    before = nodes.LoadBodyID.IS_CHANGED("alice.safetensors")
+    with pytest.raises(ids.BodyIDFileError, match="already exists"):
+        nodes.SaveBodyID().save(ids.sample_body_id(8, seed=5), "alice", False)
+    nodes.SaveBodyID().save(ids.sample_body_id(8, seed=5), "alice", True)
+    assert nodes.LoadBodyID.IS_CHANGED("alice.safetensors") != before
+    assert torch.equal(nodes.LoadBodyID().load("alice.safetensors")[0].c_body, ids.sample_body_id(8, seed=5).c_body)
+    for bad in ("../escape", "sub/dir", "/tmp/abs"):
+        with pytest.raises(ids.BodyIDFileError):
+            nodes.SaveBodyID().save(bid, bad, True)
+    assert not (folders / "escape.safetensors").exists()
+
+
+def test_sample_and_blend_nodes(nodes, encoder, ids):
+    (a,) = nodes.SampleBodyID().sample(encoder, 7, 1.0)
+    (a2,) = nodes.SampleBodyID().sample(encoder, 7, 1.0)
+    (b,) = nodes.SampleBodyID().sample(encoder, 8, 0.5)
+    assert a.dim == 8 and torch.equal(a.c_body, a2.c_body) and a.encoder_hash and a.encoder_hash == b.encoder_hash
+    (mid,) = nodes.BlendBodyIDs().blend(a, b, 0.25, "linear")
+    torch.testing.assert_close(mid.c_body, 0.75 * a.c_body + 0.25 * b.c_body)
+    with pytest.raises(ids.BodyIDMismatchError):
+        nodes.BlendBodyIDs().blend(a, ids.sample_body_id(16, 1), 0.5, "slerp")
