@@ -237,3 +237,21 @@ def test_cli_export_is_offline_and_leaves_home_alone(pose_models, tmp_path):
     runner = PoseRunner(exported, "CPU")
     assert runner.dynamic and runner.imgsz == (256, 256)
     assert runner.metadata["task"] == "pose" and "kpt_shape" in runner.metadata
+
+
+def test_provider_choice(caplog):
+    from bolid.onnx_providers import ProviderError, check_active_provider, resolve_providers
+
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("auto", gpu) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("CPU", gpu) == ["CPUExecutionProvider"]
+    assert resolve_providers("ROCm", ["MIGraphXExecutionProvider", "CPUExecutionProvider"])[0] == \
+        "MIGraphXExecutionProvider"
+    assert resolve_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(ProviderError, match="'DirectML' is not available.*CPUExecutionProvider"):
+        resolve_providers("DirectML", ["CPUExecutionProvider"])
+    with pytest.raises(ProviderError, match="unknown"):
+        resolve_providers("TPU", gpu)
+    with caplog.at_level("WARNING", logger="bolid"):
+        assert check_active_provider(["CPUExecutionProvider"], gpu[1:], "pose model") == "CPUExecutionProvider"
+    assert "requested" in caplog.text
