@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 
 from bolid.body_encoder import load_body_encoder
 from bolid.dataset import (
@@ -249,6 +250,20 @@ def test_short_cpu_run_lowers_the_loss_and_exports_a_loadable_encoder(prepared, 
     from bolid.body_encoder import encoder_hash
     assert encoder_hash(encoder) == result["encoder_hash"]
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*")), "no tensorboard event file"
+    # c_body holds identity: two disjoint halves of one identity's photos land closer than different identities
+    means, names = [], []
+    for cache in load_identity_caches(prepared["config"].cache_dir):
+        with safe_open(str(cache.path), framework="pt") as f:
+            crops = f.get_tensor("crops").permute(0, 3, 1, 2).float() / 255
+        for half in (slice(0, 3), slice(3, 6)):
+            with torch.no_grad():
+                mu, _ = encoder.encode(crops[None, half], cache.keypoints[None, half], cache.weights[None, half])
+            means.append(mu[0])
+            names.append(cache.identity)
+    dist = torch.cdist(torch.stack(means), torch.stack(means))
+    same = torch.stack([dist[i, i + 1] for i in range(0, len(names), 2)]).mean()
+    other = torch.stack([dist[i, j] for i in range(len(names)) for j in range(len(names)) if names[i] != names[j]])
+    assert same < 0.5 * other.mean(), (float(same), float(other.mean()))
 
 
 def test_resumed_run_follows_the_uninterrupted_trajectory(prepared, tmp_path):
