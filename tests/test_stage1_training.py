@@ -297,7 +297,8 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(prepared, tmp_path):
 
 
 def test_train_py_runs_as_a_script(prepared, tmp_path):
-    raw = stage1_raw(tmp_path, prepared["tmp"] / "data", Path(prepared["config"].cache_dir), max_steps=2)
+    raw = stage1_raw(tmp_path, prepared["tmp"] / "data", Path(prepared["config"].cache_dir), max_steps=2,
+                     mixed_precision="bf16")  # a fresh process, so accelerate's global state allows bf16 here
     lines = [f'stage = 1\noutput_dir = "{tmp_path / "out"}"\nseed = 1\n',
              "[model]\n" + "".join(f"{k} = {v}\n" for k, v in raw["model"].items()),
              f'[dataset]\ncache_dir = "{raw["dataset"]["cache_dir"]}"\nmin_resolution = 64\ncrop_size = 32\n',
@@ -309,6 +310,7 @@ def test_train_py_runs_as_a_script(prepared, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "train.py"), "--config", str(config)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed precision bf16" in proc.stderr
     assert load_body_encoder(tmp_path / "out" / "body_encoder.safetensors").config.hidden == 64
 
 

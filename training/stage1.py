@@ -231,9 +231,9 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
                    **{f"training/{k}": v for k, v in asdict(tc).items()}, "seed": config.seed,
                    "identities": len(dataset.identities)}
         accelerator.init_trackers("bolid_stage1", config=hparams)
-    logger.info("BoLID stage 1: %d identities, %d views, %d processes, %d samples per step",
+    logger.info("BoLID stage 1: %d identities, %d views, %d processes, %d samples per step, mixed precision %s",
                 len(dataset.identities), sum(c.num_views for c in dataset.identities), accelerator.num_processes,
-                samples_per_step)
+                samples_per_step, accelerator.mixed_precision)
 
     batches = accelerator.skip_first_batches(loader, step * tc.gradient_accumulation_steps) if step else loader
     progress = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_local_main_process)
