@@ -209,6 +209,7 @@ def dump_core(comfyui: Path) -> dict:
 
     comfy.cli_args.args.cpu = True
     import comfyui_version  # type: ignore[import-not-found]
+
     import nodes  # type: ignore[import-not-found]  # ComfyUI's nodes.py (first on sys.path)
 
     file_lists = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image")}
