@@ -28,6 +28,7 @@ from bolid.errors import BoLIDError  # noqa: E402
 # stage number -> module with run(raw_config, config_dir, resume, prepare_only)
 STAGES: dict[int, str] = {
     1: "training.stage1",
+    2: "training.stage2",
 }
 
 logger = logging.getLogger("bolid")

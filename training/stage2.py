@@ -1,0 +1,211 @@
+"""Stage 2 front end: ``accelerate launch training/train.py --config <stage-2 config> [--resume latest]``.
+
+Reads the TOML config (see training/configs/stage2_sd15_example.toml / stage2_sdxl_example.toml), loads the
+frozen models from local files (:mod:`training.models`), builds or reuses the stage-2 cache
+(:mod:`training.stage2_data`) and runs the in-process loop of :mod:`training.stage2_core`, which is where the
+method lives (and what experiments call directly).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bolid.adapter_io import load_adapter
+from bolid.body_encoder import load_body_encoder
+from bolid.dataset import DatasetConfig, dataset_config_from_dict
+from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
+from bolid.errors import BoLIDError
+from training.models import BaseModelError, OpenClipFunctions, YoloPoseNet, load_base_model, make_encode_text
+from training.stage2_core import (
+    LossConfig,
+    SamplingConfig,
+    Stage2Components,
+    Stage2Data,
+    Stage2TrainingConfig,
+    train_stage2_loop,
+)
+from training.stage2_data import BucketConfig, load_stage2_cache, prepare_stage2_cache
+
+logger = logging.getLogger("bolid")
+
+
+class Stage2ConfigError(BoLIDError):
+    """The stage-2 config is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The ``[model]`` table: local files only. Empty strings mean "not used"."""
+
+    pretrained: str
+    body_encoder: str
+    config_dir: str = ""
+    unet_weights: str = ""
+    family: str = "auto"
+    prediction_type: str = ""
+    face_model: str = ""
+    face_provider: str = "auto"
+    pose_model: str = ""
+    pose_imgsz: int = 640
+    clip_model: str = ""
+    clip_weights: str = ""
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The ``[adapter]`` table (body_dim comes from the Body-ID encoder); ``init`` continues from a BoLID file."""
+
+    face_tokens: int = 4
+    body_tokens: int = 4
+    proj_mult: int = 2
+    init: str = ""
+
+
+def _table(cls: type, raw: dict[str, Any], name: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise Stage2ConfigError(f"[{name}] has unknown keys {unknown}; known keys: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as exc:
+        raise Stage2ConfigError(f"[{name}]: {exc}") from exc
+
+
+PATH_KEYS = ("pretrained", "body_encoder", "config_dir", "unet_weights", "face_model", "pose_model", "clip_weights")
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    output_dir: Path
+    seed: int
+    model: ModelPaths
+    adapter: AdapterSettings
+    dataset: DatasetConfig
+    cache_dir: Path
+    buckets: BucketConfig
+    sampling: SamplingConfig
+    loss: LossConfig
+    training: Stage2TrainingConfig
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base_dir: str | Path = ".") -> Stage2Config:
+        base = Path(base_dir)
+        allowed = {"stage", "output_dir", "seed", "model", "adapter", "dataset", "cache", "sampling", "loss",
+                   "training"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise Stage2ConfigError(f"stage-2 config has unknown top-level keys {unknown}; known: {sorted(allowed)}")
+        for need in ("output_dir", "model", "dataset"):
+            if need not in raw:
+                raise Stage2ConfigError(f"a stage-2 config needs '{need}'")
+        model_raw = dict(raw["model"])
+        for key in PATH_KEYS:
+            if model_raw.get(key):
+                model_raw[key] = str((base / model_raw[key]).resolve())
+        model = _table(ModelPaths, model_raw, "model")
+        cache = dict(raw.get("cache", {}))
+        cache_dir = (base / cache.pop("dir", str(Path(raw["output_dir"]) / "stage2_cache"))).resolve()
+        adapter = dict(raw.get("adapter", {}))
+        if adapter.get("init"):
+            adapter["init"] = str((base / adapter["init"]).resolve())
+        seed = int(raw.get("seed", 0))
+        sampling = {"seed": seed, **raw.get("sampling", {})}
+        try:
+            dataset = dataset_config_from_dict(raw["dataset"], base)
+        except BoLIDError as exc:
+            raise Stage2ConfigError(str(exc)) from exc
+        return cls(output_dir=(base / raw["output_dir"]).resolve(), seed=seed, model=model,
+                   adapter=_table(AdapterSettings, adapter, "adapter"), dataset=dataset, cache_dir=cache_dir,
+                   buckets=_table(BucketConfig, cache, "cache"), sampling=_table(SamplingConfig, sampling, "sampling"),
+                   loss=_table(LossConfig, dict(raw.get("loss", {})), "loss"),
+                   training=_table(Stage2TrainingConfig, dict(raw.get("training", {})), "training"))
+
+
+def _face_embedder(paths: ModelPaths):
+    if not paths.face_model:
+        logger.warning("BoLID stage 2: no [model] face_model: the face branch sees no face embeddings (zeros)")
+        return None, "none"
+    from bolid.face import FaceAnalyzer
+
+    analyzer = FaceAnalyzer(paths.face_model, paths.face_provider)
+    return analyzer.embed_one, Path(paths.face_model).name
+
+
+def build(config: Stage2Config, device: torch.device | str = "cpu", prepare: bool = True):
+    """(components, adapter, data) from a config: loads the frozen models and builds/reads the cache."""
+    m = config.model
+    base = load_base_model(m.pretrained, m.config_dir or None, m.unet_weights or None, m.family,
+                           m.prediction_type or None)
+    for module in [base.vae, *base.text_encoders]:
+        module.to(device)
+    encode_text = make_encode_text(base, device)
+    encoder = load_body_encoder(m.body_encoder, device) if Path(m.body_encoder).is_file() else None
+    if encoder is None:
+        raise BaseModelError(f"Body-ID encoder not found: {m.body_encoder} (train it with stage 1)")
+    if prepare:
+        face_fn, face_name = _face_embedder(m)
+        prepare_stage2_cache(config.dataset, config.cache_dir, config.buckets, base.vae, encode_text, encoder,
+                             face_fn, {"base_model": base.source, "face": face_name}, device)
+    identities, text_cache = load_stage2_cache(config.cache_dir, base.family == "sdxl")
+    pose_net = clip = None
+    if config.loss.id_weight > 0:
+        if not m.pose_model:
+            raise Stage2ConfigError("[loss] id_weight > 0 needs [model] pose_model (a local YOLO pose .pt file)")
+        pose_net = YoloPoseNet.from_file(m.pose_model, m.pose_imgsz)
+    if config.loss.clip_weight > 0:
+        if not (m.clip_model and m.clip_weights):
+            raise Stage2ConfigError("[loss] clip_weight > 0 needs [model] clip_model and clip_weights (local file)")
+        clip = OpenClipFunctions.from_file(m.clip_model, m.clip_weights)
+    components = Stage2Components(unet=base.unet, noise_scheduler=base.noise_scheduler, vae=base.vae,
+                                  encode_text=encode_text, pose_net=pose_net,
+                                  clip_image=clip.image if clip else None, clip_text=clip.text if clip else None,
+                                  base_model=f"{base.family}:{base.source}")
+    data = Stage2Data(identities, config.sampling, components, text_cache=text_cache)
+    a = config.adapter
+    if a.init:
+        adapter = load_adapter(a.init)
+    else:
+        torch.manual_seed(config.seed)
+        adapter_cfg = adapter_config_for_unet(base.unet, body_dim=encoder.latent_dim, face_tokens=a.face_tokens,
+                                              body_tokens=a.body_tokens, proj_mult=a.proj_mult)
+        adapter = init_adapter_from_unet(base.unet, adapter_cfg)
+    if adapter.config.body_dim != encoder.latent_dim:
+        raise Stage2ConfigError(f"adapter body_dim {adapter.config.body_dim} != Body-ID encoder latent_dim "
+                                f"{encoder.latent_dim}")
+    return components, adapter, data
+
+
+def run(raw_config: dict[str, Any], config_dir: Path, resume: str | None = None, prepare_only: bool = False
+        ) -> dict[str, Any]:
+    """Entry used by training/train.py for ``stage = 2`` configs."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    config = Stage2Config.from_dict(raw_config, config_dir)
+    tc = config.training
+    out = config.output_dir
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, project_config=project,
+                              log_with=None if tc.report_to == "none" else tc.report_to)
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    # the main process builds the cache; the others wait and read it
+    if accelerator.is_main_process:
+        components, adapter, data = build(config, accelerator.device, prepare=True)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        components, adapter, data = build(config, accelerator.device, prepare=False)
+    if prepare_only:
+        return {"prepared": str(config.cache_dir), **data.describe()}
+    result = train_stage2_loop(components, adapter, data, tc, config.loss, output_dir=out, resume=resume,
+                               seed=config.seed, accelerator=accelerator,
+                               metadata={"model": {k: getattr(config.model, k) for k in ("pretrained",
+                                                                                         "unet_weights")}})
+    return {"step": result["step"], "losses": result["losses"], "export": [str(p) for p in result["export"]]}
