@@ -4,6 +4,8 @@
     python workflows/build.py --check    exit 1 if any of those files differs from what this script builds
     python workflows/build.py --dump-core /path/to/ComfyUI
                                          refresh workflows/spec/core_nodes.json from a real ComfyUI
+    python workflows/build.py --update-widget-lock
+                                         record BoLID's widget order (refuses anything but appending)
 
 Widget values are positional in the UI format, so their order is taken from the nodes' own INPUT_TYPES (BoLID's
 nodes from this repository, ComfyUI's core nodes from the checked-in workflows/spec/core_nodes.json): a workflow
@@ -31,6 +33,7 @@ WORKFLOWS = REPO / "workflows"
 API_DIR = WORKFLOWS / "api"
 EXAMPLES = REPO / "example_workflows"
 CORE_SPEC = WORKFLOWS / "spec" / "core_nodes.json"
+WIDGET_LOCK = WORKFLOWS / "spec" / "bolid_widgets.json"
 PACK_MODULE_NAME = "bolid_pack"  # the name tests/conftest.py uses, so both share one loaded copy
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -511,11 +514,31 @@ def build_all(specs: dict[str, NodeSpec] | None = None) -> dict[Path, str]:
     return files
 
 
+def update_widget_lock(specs: dict[str, NodeSpec]) -> list[str]:
+    """Record each BoLID node's widget names; a change other than appending widgets/nodes is refused."""
+    lock = json.loads(WIDGET_LOCK.read_text())["nodes"] if WIDGET_LOCK.is_file() else {}
+    current = {name: [w.name for w in spec.widgets] for name, spec in specs.items() if name.startswith("BoLID")}
+    refused = [f"{name}: {lock[name]} -> {current.get(name)}" for name in lock
+               if current.get(name, [])[:len(lock[name])] != lock[name]]
+    if not refused:
+        WIDGET_LOCK.write_text(json.dumps({
+            "comment": "Released widget order of BoLID's nodes (widgets_values is positional): append only. "
+                       "Updated by python workflows/build.py --update-widget-lock",
+            "nodes": dict(sorted(current.items()))}, indent=2) + "\n")
+    return refused
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     parser.add_argument("--dump-core", metavar="COMFYUI", type=Path, help="refresh the core-node list from ComfyUI")
+    parser.add_argument("--update-widget-lock", action="store_true", help="record BoLID's widget order")
     args = parser.parse_args(argv)
+    if args.update_widget_lock:
+        refused = update_widget_lock(node_specs())
+        print("widget order changed, not only appended:\n  " + "\n  ".join(refused) if refused
+              else f"wrote {WIDGET_LOCK}")
+        return 1 if refused else 0
     if args.dump_core:
         CORE_SPEC.parent.mkdir(parents=True, exist_ok=True)
         CORE_SPEC.write_text(json.dumps(dump_core(args.dump_core), indent=2) + "\n")
