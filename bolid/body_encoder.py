@@ -306,6 +306,10 @@ class BodyEncoder(nn.Module):
     def predict_proportions(self, z: torch.Tensor) -> torch.Tensor:
         return self.proportion_head(z)
 
+    def forward(self, batch: dict[str, torch.Tensor], **loss_options: Any) -> dict[str, torch.Tensor]:
+        """The training objective (:meth:`losses`): calling the module lets DDP/accelerate wrap it."""
+        return self.losses(batch, **loss_options)
+
     def losses(self, batch: dict[str, torch.Tensor], kl_weight: float = 1e-3, recon_weight: float = 1.0,
                proportion_weight: float = 1.0, generator: torch.Generator | None = None
                ) -> dict[str, torch.Tensor]:

@@ -248,7 +248,7 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
         gen = _noise_generator(config.seed, step, micro, accelerator.process_index, accelerator.device)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                losses = accelerator.unwrap_model(model).losses(
+                losses = model(  # through the wrapper, so DDP syncs gradients on several GPUs
                     batch, kl_weight=kl_weight, recon_weight=tc.recon_weight,
                     proportion_weight=tc.proportion_weight, generator=gen)
             accelerator.backward(losses["loss"])
