@@ -324,3 +324,14 @@ def test_train_py_rejects_unknown_stage_and_bad_keys(tmp_path):
                       "[training]\nlearning_rat = 1.0\n")
     with pytest.raises(BoLIDError, match="learning_rat"):
         Stage1Config.from_dict(__import__("tomllib").loads(config.read_text()), tmp_path)
+
+
+def test_example_config_parses():
+    from training.train import load_config, stage_module
+
+    path = REPO_ROOT / "training" / "configs" / "stage1_example.toml"
+    raw = load_config(path)
+    assert stage_module(raw, str(path)).__name__ == "training.stage1"
+    config = Stage1Config.from_dict(raw, path.parent)
+    assert config.model.latent_dim == 128 and config.training.mixed_precision == "bf16"
+    assert config.dataset.min_resolution == 1000 and config.prepare["pose_model"].endswith("yolo11n-pose.onnx")
