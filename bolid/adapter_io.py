@@ -10,9 +10,7 @@ import torch
 from .adapter import BRANCHES, BoLIDAdapter, Branch, layer_key
 from .config import AdapterConfig
 from .errors import AdapterFileError
-from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
-
-MAX_LISTED_KEYS = 5
+from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
 
 
 def save_adapter(adapter: BoLIDAdapter, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
@@ -35,7 +33,7 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
     tensors, _ = load_safetensors(path, AdapterFileError)
     with torch.device("meta"):
         reference = BoLIDAdapter(config).state_dict()
-    _check_state_dict(tensors, reference, path, config)
+    check_state_dict(tensors, reference, str(path), AdapterFileError, f"its declared config {config.describe()}")
     adapter = BoLIDAdapter(config)
     adapter.load_state_dict(tensors, strict=True)
     adapter.requires_grad_(False).eval()
@@ -45,25 +43,6 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
 def _check_extension(path: Path) -> None:
     if path.suffix.lower() in {".bin", ".pt", ".pth", ".ckpt"}:
         raise AdapterFileError(f"{path}: BoLID adapters are .safetensors files only (pickle files are not loaded)")
-
-
-def _check_state_dict(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], path: Path,
-                      config: AdapterConfig) -> None:
-    missing = sorted(set(reference) - set(tensors))
-    extra = sorted(set(tensors) - set(reference))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:MAX_LISTED_KEYS])})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:MAX_LISTED_KEYS])})")
-        raise AdapterFileError(f"{path}: does not match its declared config {config.describe()}: {'; '.join(parts)}")
-    for key, ref in reference.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise AdapterFileError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                                   f"config {config.describe()} requires {tuple(ref.shape)}")
-        if not torch.isfinite(tensors[key]).all():
-            raise AdapterFileError(f"{path}: tensor {key} contains NaN or Inf values; the file is damaged")
 
 
 def ip_adapter_state_dict(adapter: BoLIDAdapter, branch: Branch) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from .errors import BoLIDError
 from .identity import BodyID
 from .keypoints import NUM_KEYPOINTS, PersonPose
 from .proportions import NUM_PROPORTIONS, aggregate_proportions, body_proportions
-from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
 
 logger = logging.getLogger("bolid")
 
@@ -374,16 +374,7 @@ def load_body_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     tensors, metadata = load_safetensors(path, BodyEncoderFileError)
     model = BodyEncoder(config)
     reference = model.state_dict()
-    missing, extra = sorted(set(reference) - set(tensors)), sorted(set(tensors) - set(reference))
-    if missing or extra:
-        raise BodyEncoderFileError(f"{path}: does not match its declared config: missing keys {missing[:5]}, "
-                                   f"unexpected keys {extra[:5]}; re-export the encoder")
-    for key, ref in reference.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise BodyEncoderFileError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, the config "
-                                       f"requires {tuple(ref.shape)}")
-        if not torch.isfinite(tensors[key]).all():
-            raise BodyEncoderFileError(f"{path}: tensor {key} contains NaN or Inf values; the file is damaged")
+    check_state_dict(tensors, reference, str(path), BodyEncoderFileError, "its declared encoder config")
     model.load_state_dict(tensors, strict=True)
     stored = metadata.get("bolid_encoder_hash")
     if stored and stored != encoder_hash(model):

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from .errors import BoLIDError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_LISTED_KEYS = 5
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
@@ -73,3 +74,23 @@ def load_safetensors(path: str | os.PathLike, error_cls: type[BoLIDError] = BoLI
     except Exception as exc:  # safetensors raises its own error types
         raise error_cls(f"{path}: cannot read tensors ({exc})") from exc
     return tensors, metadata
+
+
+def check_state_dict(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], source: str,
+                     error_cls: type[BoLIDError], declared: str = "its declared config") -> None:
+    """Refuse missing/extra keys, wrong shapes and non-finite values, naming the file and the first offenders."""
+    missing = sorted(set(reference) - set(tensors))
+    extra = sorted(set(tensors) - set(reference))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:MAX_LISTED_KEYS])})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected keys (e.g. {', '.join(extra[:MAX_LISTED_KEYS])})")
+        raise error_cls(f"{source}: does not match {declared}: {'; '.join(parts)}")
+    for key, ref in reference.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise error_cls(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, {declared} requires "
+                            f"{tuple(ref.shape)}")
+        if not torch.isfinite(tensors[key]).all():
+            raise error_cls(f"{source}: tensor {key} contains NaN or Inf values; the file is damaged")
