@@ -635,8 +635,10 @@ def export_adapter(adapter: BoLIDAdapter, path: Path, metadata: dict[str, str], 
 def _cast_frozen(components: Stage2Components, device: torch.device, dtype: torch.dtype) -> None:
     for obj in (components.unet, components.vae, components.pose_net, components.clip_image, components.clip_text):
         for module in _modules_of(obj):
-            cast = dtype != torch.float32 and (module is components.unet or module is components.vae)
-            module.to(device=device, dtype=dtype if cast else None)
+            if dtype != torch.float32 and (module is components.unet or module is components.vae):
+                module.to(device=device, dtype=dtype)
+            else:
+                module.to(device)
 
 
 def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data: Stage2Data,
