@@ -145,7 +145,7 @@ def _build_identity(folder: Path, files: list[str], tensors1: dict[str, torch.Te
         h, w = image.shape[:2]
         bucket = buckets.nearest(h, w)
         crop, scale, (top, left) = resize_to_bucket(image, bucket)
-        x = torch.from_numpy(crop).permute(2, 0, 1).float().div(127.5).sub(1.0)[None].to(ref.device, ref.dtype)
+        x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None].to(ref.device, ref.dtype)
         latent = (vae.encode(x).latent_dist.mean - shift) * scaling
         out[f"latent.{k}"] = latent[0].float().cpu()
         kp = tensors1["image_keypoints"][k].float().clone()
