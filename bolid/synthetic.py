@@ -57,7 +57,7 @@ BONE_RANGES: dict[str, tuple[float, float]] = {
 }
 HEAD_RADIUS = 0.24  # torso units
 NECK = 0.18  # shoulder midpoint to the bottom of the head
-VIEW_YAW: dict[str, float] = {"front view": 0.0, "turned left": 0.75, "turned right": -0.75}  # radians
+VIEW_YAW: dict[str, float] = {"front view": 0.0, "turned left": 0.5, "turned right": -0.5}  # radians
 
 
 @dataclass(frozen=True)

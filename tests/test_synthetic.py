@@ -12,6 +12,7 @@ from bolid.synthetic import (
     COLOURS,
     HAIR_COLOURS,
     SKIN_TONES,
+    VIEW_YAW,
     background_image,
     caption_vocabulary,
     make_identity,
@@ -87,7 +88,7 @@ def test_turned_views_only_narrow_the_widths():
     props, _ = body_proportions_np(p.keypoints)
     truth = ident.proportion_vector()
     assert np.allclose(props[:4], truth[:4], rtol=1e-3)
-    assert np.allclose(props[4:], truth[4:] * np.cos(0.75), rtol=1e-3)
+    assert np.allclose(props[4:], truth[4:] * np.cos(VIEW_YAW["turned left"]), rtol=1e-3)
 
 
 def test_captions_describe_the_photo_and_never_the_identity(photos):

@@ -1,0 +1,205 @@
+"""Train the synthetic world's pose model and base text-to-image model once (their weights are committed).
+
+    python -m training.experiment.pretrain --out training/experiment_assets
+
+Both train on photos rendered on the fly from identities 0 .. 49_999 of world seed 0 (the experiment's held-out
+identities are drawn from indices >= 1_000_000, never seen here). Writes ``pose_net.safetensors``,
+``base_unet.safetensors``, ``caption_encoder.safetensors`` (fp16) and ``pretrain_log.json`` (settings, losses,
+run time) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bolid.synthetic import make_identity, render_photo
+
+from .world_models import (
+    ATTRIBUTES,
+    IMAGE_SIZE,
+    CaptionEncoder,
+    WorldPoseNet,
+    make_base_unet,
+    make_train_scheduler,
+    save_module,
+    to_model_range,
+)
+
+logger = logging.getLogger("bolid.experiment")
+TRAIN_IDENTITIES = 50_000
+
+
+def render_batch(rng: np.random.Generator, batch: int, world_seed: int = 0) -> list:
+    out = []
+    for _ in range(batch):
+        ident = make_identity(world_seed, int(rng.integers(TRAIN_IDENTITIES)))
+        out.append(render_photo(ident, int(rng.integers(2**31)), size=IMAGE_SIZE))
+    return out
+
+
+def degrade(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Blur, noise and colour jitter so the pose model also reads the (blurrier) generated images."""
+    b = x.shape[0]
+    sigma = torch.from_numpy(rng.uniform(0.0, 0.9, b)).float()
+    k = torch.arange(-2, 3).float()
+    kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
+    kern = kern / kern.sum(1, keepdim=True)
+    xs = []
+    for i in range(b):
+        kx = kern[i].view(1, 1, 1, 5).expand(3, 1, 1, 5)
+        ky = kern[i].view(1, 1, 5, 1).expand(3, 1, 5, 1)
+        y = F.conv2d(F.pad(x[i : i + 1], (2, 2, 0, 0), mode="replicate"), kx, groups=3)
+        y = F.conv2d(F.pad(y, (0, 0, 2, 2), mode="replicate"), ky, groups=3)
+        xs.append(y)
+    x = torch.cat(xs)
+    x = x * torch.from_numpy(rng.uniform(0.85, 1.15, (b, 3, 1, 1))).float()
+    x = x + torch.from_numpy(rng.normal(0, 1, x.shape) * rng.uniform(0, 0.08, (b, 1, 1, 1))).float()
+    return x.clamp(-1, 1)
+
+
+def gaussian_heatmaps(kp: torch.Tensor, size: int, sigma: float = 1.0) -> torch.Tensor:
+    c = torch.arange(size).float() + 0.5
+    gx = torch.exp(-((c.view(1, 1, size) - kp[..., 0:1]) ** 2) / (2 * sigma**2))
+    gy = torch.exp(-((c.view(1, 1, size) - kp[..., 1:2]) ** 2) / (2 * sigma**2))
+    h = gy.unsqueeze(-1) * gx.unsqueeze(-2)
+    return h / h.flatten(2).sum(-1).clamp_min(1e-8)[..., None, None]
+
+
+def train_pose(steps: int, batch: int, lr: float, seed: int) -> tuple[WorldPoseNet, list[float]]:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = WorldPoseNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+        photos = render_batch(rng, batch)
+        x = to_model_range(np.stack([p.image for p in photos]))
+        kp = torch.from_numpy(np.stack([p.keypoints for p in photos]))
+        vis = torch.ones(batch, 17)
+        blank = rng.random(batch) < 0.08  # figure-free backgrounds teach a low confidence
+        for i in np.nonzero(blank)[0]:
+            from bolid.synthetic import background_image
+
+            x[i] = to_model_range(background_image(photos[i].attributes["background"], IMAGE_SIZE)[None])[0]
+            vis[i] = 0
+        x = degrade(x, rng)
+        out = net(x)
+        m = vis[..., None]
+        coord = (torch.abs(out["keypoints"][..., :2] - kp[..., :2]) * m).sum() / m.sum().clamp_min(1) / 2
+        target = gaussian_heatmaps(kp, IMAGE_SIZE)
+        heat = -(target * torch.log(out["heatmaps"] + 1e-8)).sum((2, 3))
+        heat = (heat * vis).sum() / vis.sum().clamp_min(1)
+        bce = F.binary_cross_entropy(out["keypoints"][..., 2].clamp(1e-6, 1 - 1e-6), vis)
+        attr = 0.0
+        keep = torch.from_numpy(~blank)
+        for name, values in ATTRIBUTES.items():
+            labels = torch.tensor([values.index(p.attributes[name]) for p in photos])
+            if name == "background":
+                attr = attr + F.cross_entropy(out[name], labels)
+            elif keep.any():
+                attr = attr + F.cross_entropy(out[name][keep], labels[keep])
+        loss = coord + 0.2 * heat + 0.5 * bce + 0.3 * attr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(coord))
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("pose %d/%d: coord L1 %.3f px, heat %.3f, attr %.3f", step, steps, float(coord), float(heat),
+                        float(attr))
+    return net.eval(), losses
+
+
+def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1
+               ) -> tuple[torch.nn.Module, CaptionEncoder, list[float]]:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    unet, text = make_base_unet(), CaptionEncoder()
+    sched = make_train_scheduler()
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_text = {k: v.detach().clone() for k, v in text.state_dict().items()}
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 200)
+        photos = render_batch(rng, batch)
+        x0 = to_model_range(np.stack([p.image for p in photos]))
+        caps = [p.caption if rng.random() >= drop else "" for p in photos]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
+        xt = sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, text(caps)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for src, dst in ((unet.state_dict(), ema), (text.state_dict(), ema_text)):
+                for k, v in src.items():
+                    if v.dtype.is_floating_point:
+                        dst[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                    else:
+                        dst[k].copy_(v)
+        losses.append(float(loss))
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("base %d/%d: loss %.4f (mean of last 50: %.4f)", step, steps, float(loss),
+                        float(np.mean(losses[-50:])))
+    unet.load_state_dict(ema)
+    text.load_state_dict(ema_text)
+    return unet.eval(), text.eval(), losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="training/experiment_assets")
+    p.add_argument("--pose-steps", type=int, default=600)
+    p.add_argument("--pose-batch", type=int, default=64)
+    p.add_argument("--base-steps", type=int, default=1000)
+    p.add_argument("--base-batch", type=int, default=32)
+    p.add_argument("--base-lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=("pose", "base", "both"), default="both")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default); 1 is much faster on a busy machine")
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    p_threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(p_threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "pretrain_log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    if args.only in ("pose", "both"):
+        t0 = time.time()
+        net, losses = train_pose(args.pose_steps, args.pose_batch, 2e-3, args.seed)
+        save_module(net, out / "pose_net.safetensors", "world_pose_net", {"steps": args.pose_steps})
+        log["pose"] = {"steps": args.pose_steps, "batch": args.pose_batch, "seconds": round(time.time() - t0, 1),
+                       "final_coord_l1_px": float(np.mean(losses[-50:])), "threads": torch.get_num_threads()}
+        log_path.write_text(json.dumps(log, indent=1))
+    if args.only in ("base", "both"):
+        t0 = time.time()
+        unet, text, losses = train_base(args.base_steps, args.base_batch, args.base_lr, args.seed)
+        save_module(unet, out / "base_unet.safetensors", "world_base_unet", {"steps": args.base_steps})
+        save_module(text, out / "caption_encoder.safetensors", "world_caption_encoder", {"steps": args.base_steps})
+        log["base"] = {"steps": args.base_steps, "batch": args.base_batch, "lr": args.base_lr,
+                       "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-100:])),
+                       "threads": torch.get_num_threads()}
+        log_path.write_text(json.dumps(log, indent=1))
+    logger.info("pretrain done: %s", log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
