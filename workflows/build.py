@@ -118,7 +118,8 @@ def spec_from_definition(class_type: str, definition: dict) -> NodeSpec:
     inputs: list[Socket] = []
     widgets: list[Widget] = []
     for section in ("required", "optional"):
-        for name, (kind, options) in definition["input"].get(section, {}).items():
+        for name, entry in definition["input"].get(section, {}).items():
+            kind, options = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
             choices: tuple | None = None
             if isinstance(kind, list):
                 choices = tuple(kind)

@@ -1,0 +1,329 @@
+"""BoLID inside a real, running ComfyUI server (COMFYUI_PATH): the pack imports, /object_info lists every BoLID
+node with its declared inputs, the example workflows are served as templates, and the example workflows run end
+to end through POST /prompt and /history with random-weight files of the real architectures standing in for real
+weights (SD1.5 checkpoint built with ComfyUI's own classes, a matching BoLID adapter, yolo11n-pose exported to
+ONNX, a tiny InsightFace pack, a small Body-ID encoder) at 64x64 and 2 steps.
+
+The server runs on 127.0.0.1 on a free port, with --cpu and a temporary --base-directory (models, custom_nodes,
+input, output, user); the repository is linked into its custom_nodes. Every wait is bounded; the server is always
+stopped. Building the 2 GB checkpoint takes ~1-2 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+PACK_DIR_NAME = "ComfyUI-BoLID"
+API_DIR = REPO_ROOT / "workflows" / "api"
+CKPT = "bolid_test_sd15_random.safetensors"
+ADAPTER = "bolid_test_sd15_random_adapter.safetensors"
+ENCODER = "bolid_test_body_encoder.safetensors"
+POSE = "yolo11n-pose-random.onnx"
+FACE_PACK = "tinypack"
+BODY_DIM = 32
+START_TIMEOUT_S = 240
+PROMPT_TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _photos() -> dict[str, np.ndarray]:
+    """Real photos shipped in installed packages, each with a bright textured square: the tiny InsightFace
+    stand-in detector finds such squares as faces."""
+    import cv2
+    import skimage.data
+    import ultralytics
+
+    assets = Path(ultralytics.__file__).parent / "assets"
+    photos = {"astronaut": skimage.data.astronaut(),
+              "bus": cv2.imread(str(assets / "bus.jpg"))[..., ::-1],
+              "zidane": cv2.imread(str(assets / "zidane.jpg"))[..., ::-1]}
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, img in photos.items():
+        img = np.ascontiguousarray(img).copy()
+        h, w = img.shape[:2]
+        side = min(h, w) // 4
+        x0 = w // 2 - side // 2
+        img[h // 8:h // 8 + side, x0:x0 + side] = rng.integers(235, 256, (side, side, 3), dtype=np.uint8)
+        out[name] = img
+    return out
+
+
+def _build_pose_model(folder: Path, photos: list[np.ndarray], target: Path) -> None:
+    """Seeded random yolo11n-pose (tests/test_pose.py) with the person score biased up, so that every photo has
+    detections above the runner's default confidence (0.25); exported to ONNX by BoLID's own exporter."""
+    import torch
+    import test_pose
+    from ultralytics import YOLO
+
+    from bolid.pose import export_pose_onnx, ultralytics_offline_env
+
+    ultralytics_offline_env()
+    seeded = YOLO(str(test_pose.build_seeded_pose_model(folder, photos)))
+    for seq in seeded.model.model[-1].cv3:
+        torch.nn.init.constant_(seq[-1].bias, 2.0)
+    hot = folder / "hot-pose.pt"
+    seeded.save(str(hot))
+    export_pose_onnx(hot, imgsz=320, output=target)
+
+
+@pytest.fixture(scope="module")
+def base_dir(comfyui, tmp_path_factory) -> Path:
+    """ComfyUI's --base-directory with every model file the example workflows need."""
+    from PIL import Image
+
+    import test_face
+    from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = base / "models"
+    for sub in ("checkpoints", "bolid", "bolid_pose", "bolid_body_ids", "insightface/models"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    (base / "input").mkdir()
+    (base / "user").mkdir()
+
+    started = time.monotonic()
+    subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "comfy_random_sd15.py"), str(comfyui),
+                    str(models / "checkpoints" / CKPT), str(models / "bolid" / ADAPTER), "--body-dim",
+                    str(BODY_DIM)], check=True, timeout=900, cwd=REPO_ROOT)
+    photos = _photos()
+    _build_pose_model(tmp_path_factory.mktemp("pose"), list(photos.values()), models / "bolid_pose" / POSE)
+    test_face.build_tiny_pack(models / "insightface" / "models" / FACE_PACK)
+    import torch
+
+    torch.manual_seed(0)
+    encoder = BodyEncoder(BodyEncoderConfig(latent_dim=BODY_DIM, crop_size=32, decoder_size=16, width=8, hidden=64))
+    save_body_encoder(encoder.eval(), models / "bolid" / ENCODER)
+    for name, img in photos.items():
+        Image.fromarray(img).save(base / "input" / f"{name}.png")
+    print(f"[server test] model files built in {time.monotonic() - started:.0f} s")
+    return base
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+    def get(self, path: str, timeout: float = 30) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+            return resp.read()
+
+    def get_json(self, path: str):
+        return json.loads(self.get(path))
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def run(self, prompt: dict, timeout: float = PROMPT_TIMEOUT_S) -> dict:
+        """Queue a prompt, wait for it, return its /history entry (fails with the server's error)."""
+        body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
+        request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                prompt_id = json.loads(resp.read())["prompt_id"]
+        except urllib.error.HTTPError as exc:
+            pytest.fail(f"POST /prompt refused the workflow: {exc.read().decode(errors='replace')[:3000]}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"ComfyUI exited:\n{self.log_text()[-3000:]}"
+            history = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") != "success":
+                    pytest.fail(f"prompt failed: {json.dumps(entry['status'])[:3000]}\n{self.log_text()[-3000:]}")
+                return entry
+            time.sleep(1.0)
+        pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s\n{self.log_text()[-3000:]}")
+
+    def image(self, item: dict):
+        from PIL import Image
+
+        query = urllib.parse.urlencode({k: item[k] for k in ("filename", "subfolder", "type")})
+        return Image.open(io.BytesIO(self.get(f"/view?{query}")))
+
+
+@pytest.fixture(scope="module")
+def server(comfyui, base_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("comfy_log") / "comfyui.log"
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base_dir), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch", "--preview-method", "none"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, cwd=comfyui, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    started = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{server.log_text()[-4000:]}")
+            try:
+                server.get("/object_info", timeout=10)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                if time.monotonic() - started > START_TIMEOUT_S:
+                    pytest.fail(f"ComfyUI did not answer in {START_TIMEOUT_S} s:\n{server.log_text()[-4000:]}")
+                time.sleep(1.0)
+        print(f"[server test] ComfyUI answered /object_info after {time.monotonic() - started:.0f} s")
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
+
+
+def _prompt(name: str) -> dict:
+    return copy.deepcopy(json.loads((API_DIR / f"{name}.json").read_text()))
+
+
+def _set(prompt: dict, class_type: str, **values) -> None:
+    nodes = [n for n in prompt.values() if n["class_type"] == class_type]
+    assert nodes, f"no {class_type} node"
+    for node in nodes:
+        for key, value in values.items():
+            assert key in node["inputs"], f"{class_type} has no input {key}"
+            node["inputs"][key] = value
+
+
+def _stand_in_files(prompt: dict) -> dict:
+    """Point the workflow at the random-weight files and shrink it to 64x64, 2 steps; nothing else changes."""
+    present = {n["class_type"] for n in prompt.values()}
+    replacements = {
+        "CheckpointLoaderSimple": {"ckpt_name": CKPT}, "BoLIDLoadAdapter": {"adapter_name": ADAPTER},
+        "BoLIDLoadBodyEncoder": {"encoder_name": ENCODER}, "BoLIDLoadPoseModel": {"model_name": POSE},
+        "BoLIDLoadInsightFace": {"model_name": FACE_PACK},
+        "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
+        # random pose weights give low keypoint confidences: keep every detected view
+        "BoLIDEncodeBodyFromImages": {"min_confidence": 0.0},
+    }
+    for class_type, values in replacements.items():
+        if class_type in present:
+            _set(prompt, class_type, **values)
+    return prompt
+
+
+def _saved_images(server: Server, entry: dict, prompt: dict, class_type: str) -> list:
+    images = []
+    for node_id, node in prompt.items():
+        if node["class_type"] == class_type:
+            images += [server.image(item) for item in entry["outputs"].get(node_id, {}).get("images", [])]
+    return images
+
+
+# ----------------------------------------------------------------------------------------------------- tests
+
+
+def test_pack_imports_without_failure(server, pack):
+    log = server.log_text()
+    assert "IMPORT FAILED" not in log, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    times = log[log.index("Import times for custom nodes:"):]
+    assert PACK_DIR_NAME in times.split("\n\n")[0]
+
+
+def test_object_info_lists_every_bolid_node_with_its_inputs(server, pack):
+    from test_workflows import build
+
+    info = server.get_json("/object_info")
+    declared = build.bolid_definitions()
+    assert set(pack.NODE_CLASS_MAPPINGS) <= set(info)
+    for class_type, definition in declared.items():
+        served = info[class_type]
+        assert served["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[class_type]
+        assert served["category"].startswith("BoLID")
+        assert served["output"] == definition["output"] and served["output_name"] == definition["output_name"]
+        for section in ("required", "optional"):
+            assert list(served["input"].get(section, {})) == list(definition["input"][section]), (class_type, section)
+        ours, theirs = (build.spec_from_definition(class_type, d) for d in (definition, served))
+        assert theirs.inputs == ours.inputs, class_type
+        assert [(w.name, w.kind) for w in theirs.widgets] == [(w.name, w.kind) for w in ours.widgets], class_type
+    # the model folders are registered: the files put there are offered in the combos
+    assert ADAPTER in info["BoLIDLoadAdapter"]["input"]["required"]["adapter_name"][0]
+    assert ENCODER in info["BoLIDLoadBodyEncoder"]["input"]["required"]["encoder_name"][0]
+    assert POSE in info["BoLIDLoadPoseModel"]["input"]["required"]["model_name"][0]
+    assert FACE_PACK in info["BoLIDLoadInsightFace"]["input"]["required"]["model_name"][0]
+
+
+def test_example_workflows_are_served_as_templates(server):
+    templates = server.get_json("/workflow_templates")
+    names = templates.get(PACK_DIR_NAME, [])
+    expected = sorted(p.stem for p in (REPO_ROOT / "example_workflows").glob("*.json"))
+    assert set(expected) <= set(names), templates
+    for name in expected:
+        served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
+        assert json.loads(served) == json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text())
+
+
+def test_sd15_photo_workflow_runs(server):
+    prompt = _stand_in_files(_prompt("photo_face_body_sd15"))
+    _set(prompt, "LoadImage", image="astronaut.png")
+    started = time.monotonic()
+    entry = server.run(prompt)
+    elapsed = time.monotonic() - started
+    (image,) = _saved_images(server, entry, prompt, "SaveImage")
+    assert image.size == (64, 64)
+    (views,) = _saved_images(server, entry, prompt, "PreviewImage")  # the views the body was encoded from
+    assert views.size[0] > 0
+    assert "BoLID: patched 16 cross-attention layers" in server.log_text()
+    print(f"[server test] photo_face_body_sd15 ran in {elapsed:.1f} s; /history outputs: "
+          f"{json.dumps(entry['outputs'])}")
+
+
+def test_photos_to_body_id_then_text_only_workflow_runs(server, base_dir):
+    from bolid.body_id_io import load_body_id
+
+    photos_prompt = _stand_in_files(_prompt("photos_to_body_id"))
+    loaders = sorted((k for k, n in photos_prompt.items() if n["class_type"] == "LoadImage"), key=int)
+    for node_id, photo in zip(loaders, ("astronaut.png", "bus.png", "zidane.png"), strict=True):
+        photos_prompt[node_id]["inputs"]["image"] = photo
+    _set(photos_prompt, "BoLIDSaveBodyID", name="server_test_body", overwrite=True)
+    server.run(photos_prompt)
+    saved = base_dir / "models" / "bolid_body_ids" / "server_test_body.safetensors"
+    body = load_body_id(saved)
+    assert body.dim == BODY_DIM and len(body.views) == 3
+
+    text_prompt = _stand_in_files(_prompt("text_only_body_id_sdxl_lightning"))
+    _set(text_prompt, "BoLIDLoadBodyID", body_id_name=saved.name)
+    entry = server.run(text_prompt)
+    (with_body,) = _saved_images(server, entry, text_prompt, "SaveImage")
+    assert with_body.size == (64, 64)
+    print(f"[server test] text-only /history outputs: {json.dumps(entry['outputs'])}")
+
+    # the body branch changes the result: weight_body 0 (bit-identical to the plain model) gives another image
+    _set(text_prompt, "BoLIDApplyAdapter", weight_body=0.0)
+    (without,) = _saved_images(server, server.run(text_prompt), text_prompt, "SaveImage")
+    a, b = (np.asarray(im.convert("RGB"), dtype=np.int16) for im in (with_body, without))
+    assert a.std() > 0, "the random-weight model decoded a flat image: the comparison would mean nothing"
+    assert np.abs(a - b).max() > 0
