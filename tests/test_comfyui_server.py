@@ -76,8 +76,8 @@ def _photos() -> dict[str, np.ndarray]:
 def _build_pose_model(folder: Path, photos: list[np.ndarray], target: Path) -> None:
     """Seeded random yolo11n-pose (tests/test_pose.py) with the person score biased up, so that every photo has
     detections above the runner's default confidence (0.25); exported to ONNX by BoLID's own exporter."""
-    import torch
     import test_pose
+    import torch
     from ultralytics import YOLO
 
     from bolid.pose import export_pose_onnx, ultralytics_offline_env
@@ -94,9 +94,9 @@ def _build_pose_model(folder: Path, photos: list[np.ndarray], target: Path) -> N
 @pytest.fixture(scope="module")
 def base_dir(comfyui, tmp_path_factory) -> Path:
     """ComfyUI's --base-directory with every model file the example workflows need."""
+    import test_face
     from PIL import Image
 
-    import test_face
     from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
 
     base = tmp_path_factory.mktemp("comfy_base")
