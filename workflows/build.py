@@ -331,7 +331,19 @@ def to_ui(workflow: Workflow, specs: dict[str, NodeSpec]) -> dict:
             entry["color"], entry["bgcolor"] = node.color, _darker(node.color)
         nodes.append(entry)
     return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4}
+            "config": {}, "extra": {"ds": _fit_view(nodes)}, "version": 0.4}
+
+
+def _fit_view(nodes: list[dict], width: int = 1440, height: int = 860, left: int = 90, top: int = 90) -> dict:
+    """The canvas view (LiteGraph: screen = (graph + offset) * scale) that shows the whole graph on a
+    ~1600x1000 window, right of the editor's side bar and below its top bar."""
+    title = 32  # title bar above each node's pos
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] for n in nodes) - title
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    scale = round(min(1.0, width / (x1 - x0), height / (y1 - y0)), 3)
+    return {"scale": scale, "offset": [round(-x0 + left / scale, 1), round(-y0 + top / scale, 1)]}
 
 
 def _darker(color: str) -> str:
@@ -430,7 +442,7 @@ def _photo_face_body(name: str, title: str, ckpt: str, adapter: str, width: int,
     nodes += [
         Node(10, "BoLIDApplyAdapter", (420, 60), {"weight_face": 0.8, "weight_body": 0.8, "start_at": 0.0,
                                                   "end_at": 1.0}, color=BOLID),
-        Node(11, "LoadImage", (-420, 420), {"image": PHOTO}, title="Photo of the person", size=(340, 420)),
+        Node(11, "LoadImage", (-420, 470), {"image": PHOTO}, title="Photo of the person", size=(340, 420)),
         Node(12, "BoLIDLoadInsightFace", (-420, 60), {"model_name": FACE_PACK, "provider": "auto"}, color=BOLID),
         Node(13, "BoLIDLoadPoseModel", (-420, 200), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),
         Node(14, "BoLIDLoadBodyEncoder", (-420, 320), {"encoder_name": BODY_ENCODER}, color=BOLID),

@@ -1,0 +1,124 @@
+"""Screenshot of an example workflow in ComfyUI's graph editor (headless Chromium), for the README.
+
+    python workflows/screenshot.py /path/to/ComfyUI [workflow name] [--out docs/workflow.png] [--chromium PATH]
+
+Starts ComfyUI (--cpu, 127.0.0.1, free port, temporary --base-directory with the pack linked into custom_nodes and
+empty placeholder files named as the workflow expects, so its file lists show those names), opens the editor in
+headless Chromium through Playwright (never downloads a browser: give the system Chromium), loads the workflow
+with the frontend's own ``app.loadGraphData`` and saves a PNG. The server is always stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PLACEHOLDERS = ("checkpoints/sdxl_lightning_4step.safetensors", "checkpoints/v1-5-pruned-emaonly.safetensors",
+                "bolid/bolid_sdxl.safetensors", "bolid/bolid_sd15.safetensors", "bolid/bolid_body_encoder.safetensors",
+                "bolid_pose/yolo11n-pose.onnx", "bolid_body_ids/my_body.safetensors",
+                "insightface/models/antelopev2/scrfd_10g_bnkps.onnx")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prepare_base(base: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for rel in PLACEHOLDERS:
+        (base / "models" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / "models" / rel).touch()
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-BoLID").symlink_to(REPO, target_is_directory=True)
+    (base / "input").mkdir()
+    (base / "user" / "default").mkdir(parents=True)
+    # no first-run template dialog, no minimap over the graph
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True,
+                                                                                   "Comfy.Minimap.Visible": False}))
+    try:
+        import skimage.data
+
+        photo = skimage.data.astronaut()
+    except ImportError:
+        photo = np.full((512, 512, 3), 128, np.uint8)
+    for name in ("person.png", "person_1.png", "person_2.png", "person_3.png"):
+        Image.fromarray(photo).save(base / "input" / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("comfyui", type=Path)
+    parser.add_argument("workflow", nargs="?", default="photo_face_body_sdxl_lightning")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "workflow_photo_face_body_sdxl_lightning.png")
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--size", default="1600x1000")
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.split("x"))
+    workflow = json.loads((REPO / "workflows" / f"{args.workflow}.json").read_text())
+
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="bolid-shot-") as tmp:
+        base = Path(tmp) / "base"
+        base.mkdir()
+        _prepare_base(base)
+        port = _free_port()
+        log = open(Path(tmp) / "comfyui.log", "wb")
+        proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                 "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+                                 "--disable-auto-launch"], cwd=args.comfyui, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("ComfyUI did not start:\n" + (Path(tmp) / "comfyui.log").read_text()[-3000:])
+                try:
+                    urllib.request.urlopen(url + "/object_info", timeout=10).read()
+                    break
+                except OSError:
+                    time.sleep(1)
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=args.chromium, headless=True, args=[
+                    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.goto(url, wait_until="networkidle", timeout=120_000)
+                page.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=120_000)
+                page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }",
+                              [workflow, f"{args.workflow}.json"])
+                page.wait_for_timeout(4000)
+                page.keyboard.press("Escape")  # close any toast/dialog
+                page.wait_for_timeout(1000)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(args.out))
+                browser.close()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
