@@ -281,6 +281,7 @@ def test_example_workflows_are_served_as_templates(server):
     names = templates.get(PACK_DIR_NAME, [])
     expected = sorted(p.stem for p in (REPO_ROOT / "example_workflows").glob("*.json"))
     assert set(expected) <= set(names), templates
+    print(f"[server test] /workflow_templates: {json.dumps(templates)}")
     for name in expected:
         served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
         assert json.loads(served) == json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text())
