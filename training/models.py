@@ -195,8 +195,15 @@ class YoloPoseNet(nn.Module):
         if path.suffix != ".yaml":
             _require(path, "YOLO pose checkpoint (pose_model)")
         ultralytics_offline_env()
-        from ultralytics import YOLO
+        from PIL import Image
 
+        image_open = Image.open
+        try:
+            from ultralytics import YOLO
+        finally:
+            # ultralytics replaces PIL.Image.open on import (HEIF support via pi_heif); a corrupt photo then raises
+            # ModuleNotFoundError instead of UnidentifiedImageError, which breaks the dataset's skip logic
+            Image.open = image_open
         yolo = YOLO(str(path))
         if yolo.task != "pose":
             raise BaseModelError(f"{path.name} is a YOLO {yolo.task!r} model, not a pose model")
