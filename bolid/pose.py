@@ -346,6 +346,32 @@ def ultralytics_offline_env() -> None:
         logger.debug("ultralytics was imported before BoLID set its offline environment")
 
 
+def restore_pil_image_open() -> None:
+    """Undo ultralytics' process-wide ``PIL.Image.open`` patch.
+
+    On import, ultralytics replaces ``PIL.Image.open`` with a wrapper that, on an unidentified image, tries to
+    install pi-heif: a corrupt photo then raises an install error instead of ``UnidentifiedImageError``, and
+    BoLID's dataset could no longer report it as unreadable. ultralytics keeps the original as ``_image_open``.
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    if original is None:
+        return
+    from PIL import Image
+
+    if Image.open is not original:
+        Image.open = original
+
+
+def import_ultralytics():
+    """Import ultralytics offline-safe (no network, no auto-install, no home folder) and without its PIL patch."""
+    ultralytics_offline_env()
+    import ultralytics
+
+    restore_pil_image_open()
+    return ultralytics
+
+
 def export_pose_onnx(weights: str | os.PathLike, imgsz: int = 640, dynamic: bool = False,
                      output: str | os.PathLike | None = None, opset: int | None = None,
                      simplify: bool = True) -> Path:
@@ -358,7 +384,7 @@ def export_pose_onnx(weights: str | os.PathLike, imgsz: int = 640, dynamic: bool
     if not weights.exists() and weights.suffix != ".yaml":
         raise PoseModelError(f"pose checkpoint not found: {weights} (nothing is downloaded: pass a local "
                              "yolo11*-pose.pt file)")
-    from ultralytics import YOLO
+    YOLO = import_ultralytics().YOLO  # noqa: N806 - the library's class name
 
     model = YOLO(str(weights))
     if model.task != "pose":

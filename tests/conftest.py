@@ -49,3 +49,13 @@ def comfyui():
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_ultralytics_pil_patch():
+    """Tests import ultralytics directly; keep its PIL.Image.open patch from leaking into other tests."""
+    from bolid.pose import restore_pil_image_open
+
+    restore_pil_image_open()
+    yield
+    restore_pil_image_open()

@@ -255,3 +255,16 @@ def test_provider_choice(caplog):
     with caplog.at_level("WARNING", logger="bolid"):
         assert check_active_provider(["CPUExecutionProvider"], gpu[1:], "pose model") == "CPUExecutionProvider"
     assert "requested" in caplog.text
+
+
+def test_import_ultralytics_keeps_pil_image_open(tmp_path):
+    """ultralytics patches PIL.Image.open (pi-heif auto-install on unknown files); BoLID undoes it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from bolid.pose import import_ultralytics
+
+    import_ultralytics()
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image at all")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(corrupt)

@@ -189,21 +189,12 @@ class YoloPoseNet(nn.Module):
     @classmethod
     def from_file(cls, path: str | os.PathLike, imgsz: int = 640) -> YoloPoseNet:
         """A YOLO pose .pt checkpoint (or a model .yaml for random weights, tests only)."""
-        from bolid.pose import ultralytics_offline_env
+        from bolid.pose import import_ultralytics
 
         path = Path(path)
         if path.suffix != ".yaml":
             _require(path, "YOLO pose checkpoint (pose_model)")
-        ultralytics_offline_env()
-        from PIL import Image
-
-        image_open = Image.open
-        try:
-            from ultralytics import YOLO
-        finally:
-            # ultralytics replaces PIL.Image.open on import (HEIF support via pi_heif); a corrupt photo then raises
-            # ModuleNotFoundError instead of UnidentifiedImageError, which breaks the dataset's skip logic
-            Image.open = image_open
+        YOLO = import_ultralytics().YOLO  # noqa: N806 - the library's class name
         yolo = YOLO(str(path))
         if yolo.task != "pose":
             raise BaseModelError(f"{path.name} is a YOLO {yolo.task!r} model, not a pose model")
