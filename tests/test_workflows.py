@@ -211,6 +211,7 @@ def test_the_four_workflows_exist_in_both_formats_and_in_example_workflows():
         example = EXAMPLES_DIR / f"{name}.json"
         assert example.is_file() and not example.is_symlink()
         assert example.read_bytes() == (WORKFLOW_DIR / f"{name}.json").read_bytes()
+        assert (EXAMPLES_DIR / f"{name}.jpg").is_file(), "template picture: python workflows/screenshot.py --thumbnails"
     # ComfyUI's template list reads example_workflows/*.json (and workflows/*.json): workflows only there
     assert sorted(p.stem for p in EXAMPLES_DIR.glob("*.json")) == list(EXPECTED)
 

@@ -482,9 +482,9 @@ def photo_face_body_sd15() -> Workflow:
 
 def photos_to_body_id() -> Workflow:
     nodes = [
-        Node(1, "LoadImage", (40, 60), {"image": PHOTOS[0]}, title="Photo 1", size=(300, 360)),
-        Node(2, "LoadImage", (40, 440), {"image": PHOTOS[1]}, title="Photo 2", size=(300, 360)),
-        Node(3, "LoadImage", (40, 820), {"image": PHOTOS[2]}, title="Photo 3", size=(300, 360)),
+        Node(1, "LoadImage", (40, 60), {"image": PHOTOS[0]}, title="Photo 1", size=(300, 320)),
+        Node(2, "LoadImage", (40, 420), {"image": PHOTOS[1]}, title="Photo 2", size=(300, 320)),
+        Node(3, "LoadImage", (40, 780), {"image": PHOTOS[2]}, title="Photo 3", size=(300, 320)),
         Node(4, "ImageBatch", (380, 300)),
         Node(5, "ImageBatch", (380, 440)),
         Node(6, "BoLIDLoadPoseModel", (380, 60), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),

@@ -1,11 +1,14 @@
 """Screenshot of an example workflow in ComfyUI's graph editor (headless Chromium), for the README.
 
     python workflows/screenshot.py /path/to/ComfyUI [workflow name] [--out docs/workflow.png] [--chromium PATH]
+    python workflows/screenshot.py /path/to/ComfyUI --thumbnails   # example_workflows/<name>.jpg for every example
 
 Starts ComfyUI (--cpu, 127.0.0.1, free port, temporary --base-directory with the pack linked into custom_nodes and
 empty placeholder files named as the workflow expects, so its file lists show those names), opens the editor in
 headless Chromium through Playwright (never downloads a browser: give the system Chromium), loads the workflow
-with the frontend's own ``app.loadGraphData`` and saves a PNG. The server is always stopped.
+with the frontend's own ``app.loadGraphData`` and saves a PNG. ``--thumbnails`` saves a small JPEG of every
+example next to it in example_workflows/, which ComfyUI's template browser shows as the template's picture. The
+server is always stopped.
 """
 
 from __future__ import annotations
@@ -66,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "workflow_photo_face_body_sdxl_lightning.png")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--size", default="1600x1000")
+    parser.add_argument("--thumbnails", action="store_true", help="a JPEG per example in example_workflows/")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
-    workflow = json.loads((REPO / "workflows" / f"{args.workflow}.json").read_text())
+    if args.thumbnails:
+        shots = [(p.stem, p.with_suffix(".jpg")) for p in sorted((REPO / "example_workflows").glob("*.json"))]
+    else:
+        shots = [(args.workflow, args.out)]
 
     from playwright.sync_api import sync_playwright
 
@@ -100,13 +107,18 @@ def main(argv: list[str] | None = None) -> int:
                 page = browser.new_page(viewport={"width": width, "height": height})
                 page.goto(url, wait_until="networkidle", timeout=120_000)
                 page.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=120_000)
-                page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }",
-                              [workflow, f"{args.workflow}.json"])
-                page.wait_for_timeout(4000)
-                page.keyboard.press("Escape")  # close any toast/dialog
-                page.wait_for_timeout(1000)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(args.out))
+                for name, out in shots:
+                    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+                    page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }",
+                                  [workflow, f"{name}.json"])
+                    page.wait_for_timeout(4000)
+                    page.keyboard.press("Escape")  # close any toast/dialog
+                    page.wait_for_timeout(1000)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    png = Path(tmp) / "shot.png"
+                    page.screenshot(path=str(png))
+                    _save(png, out, thumbnail=args.thumbnails)
+                    print(f"wrote {out} ({out.stat().st_size // 1024} KB)")
                 browser.close()
         finally:
             if proc.poll() is None:
@@ -116,8 +128,18 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
             log.close()
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
     return 0
+
+
+def _save(png: Path, out: Path, thumbnail: bool) -> None:
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    if thumbnail:  # the canvas only (no side bar / top bar), small
+        image = image.crop((64, 80, image.width, image.height)).resize((768, 438), Image.LANCZOS)
+        image.save(out, "JPEG", quality=82, optimize=True)
+    else:
+        image.save(out, optimize=True)
 
 
 if __name__ == "__main__":
