@@ -15,6 +15,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,10 @@ ENCODER = "bolid_test_body_encoder.safetensors"
 POSE = "yolo11n-pose-random.onnx"
 FACE_PACK = "tinypack"
 BODY_DIM = 32
+EXAMPLE_FILE_NAMES = ("checkpoints/sdxl_lightning_4step.safetensors", "checkpoints/v1-5-pruned-emaonly.safetensors",
+                      "bolid/bolid_sdxl.safetensors", "bolid/bolid_sd15.safetensors",
+                      "bolid/bolid_body_encoder.safetensors", "bolid_pose/yolo11n-pose.onnx",
+                      "bolid_body_ids/my_body.safetensors")
 START_TIMEOUT_S = 240
 PROMPT_TIMEOUT_S = 420
 
@@ -106,7 +111,13 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     (base / "input").mkdir()
-    (base / "user").mkdir()
+    (base / "user" / "default").mkdir(parents=True)
+    # no first-run dialogs in the graph editor
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    # empty files with the names the example workflows preselect: only listed, never loaded (the runs below
+    # point the workflows at the random-weight files)
+    for rel in EXAMPLE_FILE_NAMES:
+        (models / rel).touch()
 
     started = time.monotonic()
     subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "comfy_random_sd15.py"), str(comfyui),
@@ -285,6 +296,34 @@ def test_example_workflows_are_served_as_templates(server):
     for name in expected:
         served = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
         assert json.loads(served) == json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text())
+        picture = server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")
+        assert picture[:3] == b"\xff\xd8\xff"  # the template browser's picture (a JPEG)
+
+
+def test_the_frontend_sends_exactly_the_api_files(server):
+    """ComfyUI's own frontend (served by this server, in headless Chromium) loads each UI workflow and turns it into
+    a prompt with app.graphToPrompt(): that prompt must equal the checked-in API file (widget order, links)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the frontend check")
+    chromium = os.environ.get("BOLID_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no Chromium (apt-get install chromium, or set BOLID_CHROMIUM)")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(server.url, wait_until="networkidle", timeout=120_000)
+            page.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=120_000)
+            for path in sorted((REPO_ROOT / "workflows").glob("*.json")):
+                sent = page.evaluate("async (wf) => { await window.app.loadGraphData(wf, true, true, 'check');"
+                                     " return (await window.app.graphToPrompt()).output; }",
+                                     json.loads(path.read_text()))
+                expected = json.loads((API_DIR / path.name).read_text())
+                assert {k: (v["class_type"], v["inputs"]) for k, v in sent.items()} == \
+                       {k: (v["class_type"], v["inputs"]) for k, v in expected.items()}, path.name
+        finally:
+            browser.close()
 
 
 def test_sd15_photo_workflow_runs(server):
