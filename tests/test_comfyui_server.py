@@ -60,8 +60,10 @@ def _photos() -> dict[str, np.ndarray]:
     stand-in detector finds such squares as faces."""
     import cv2
     import skimage.data
-    import ultralytics
 
+    from bolid.pose import import_ultralytics
+
+    ultralytics = import_ultralytics()
     assets = Path(ultralytics.__file__).parent / "assets"
     photos = {"astronaut": skimage.data.astronaut(),
               "bus": cv2.imread(str(assets / "bus.jpg"))[..., ::-1],
@@ -83,11 +85,10 @@ def _build_pose_model(folder: Path, photos: list[np.ndarray], target: Path) -> N
     detections above the runner's default confidence (0.25); exported to ONNX by BoLID's own exporter."""
     import test_pose
     import torch
-    from ultralytics import YOLO
 
-    from bolid.pose import export_pose_onnx, ultralytics_offline_env
+    from bolid.pose import export_pose_onnx, import_ultralytics
 
-    ultralytics_offline_env()
+    YOLO = import_ultralytics().YOLO  # noqa: N806 - the library's class name
     seeded = YOLO(str(test_pose.build_seeded_pose_model(folder, photos)))
     for seq in seeded.model.model[-1].cv3:
         torch.nn.init.constant_(seq[-1].bias, 2.0)
