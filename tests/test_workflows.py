@@ -19,6 +19,7 @@ from conftest import REPO_ROOT
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
+UI_DIR = WORKFLOW_DIR / "ui"
 API_DIR = WORKFLOW_DIR / "api"
 WIDGET_LOCK = WORKFLOW_DIR / "spec" / "bolid_widgets.json"
 EXPECTED = ("photo_face_body_sd15", "photo_face_body_sdxl_lightning", "photos_to_body_id",
@@ -44,7 +45,7 @@ def specs(pack):
 
 
 def ui_files() -> list[Path]:
-    return sorted(WORKFLOW_DIR.glob("*.json"))
+    return sorted(UI_DIR.glob("*.json"))
 
 
 def types_compatible(output_type: str, input_type: str) -> bool:
@@ -210,10 +211,13 @@ def test_the_four_workflows_exist_in_both_formats_and_in_example_workflows():
         # real files, byte-identical (symlinks are not carried by every install path)
         example = EXAMPLES_DIR / f"{name}.json"
         assert example.is_file() and not example.is_symlink()
-        assert example.read_bytes() == (WORKFLOW_DIR / f"{name}.json").read_bytes()
+        assert example.read_bytes() == (UI_DIR / f"{name}.json").read_bytes()
         assert (EXAMPLES_DIR / f"{name}.jpg").is_file(), "template picture: python workflows/screenshot.py --thumbnails"
-    # ComfyUI's template list reads example_workflows/*.json (and workflows/*.json): workflows only there
+    # ComfyUI's template list globs <pack>/{example_workflows,example,examples,workflow,workflows}/*.json:
+    # only example_workflows/ may hold top-level .json files, or every template is listed twice
     assert sorted(p.stem for p in EXAMPLES_DIR.glob("*.json")) == list(EXPECTED)
+    for folder in ("example", "examples", "workflow", "workflows"):
+        assert not list((REPO_ROOT / folder).glob("*.json")), f"{folder}/*.json would duplicate the templates"
 
 
 def test_files_are_what_build_py_writes(specs):
@@ -224,14 +228,14 @@ def test_files_are_what_build_py_writes(specs):
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_ui_workflow_is_valid(name, specs):
-    ui = json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+    ui = json.loads((UI_DIR / f"{name}.json").read_text())
     assert validate_ui(ui, specs) == []
     assert any(n["type"].startswith("BoLID") for n in ui["nodes"])
 
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_api_workflow_is_valid_and_equals_the_ui_workflow(name, specs):
-    ui = json.loads((WORKFLOW_DIR / f"{name}.json").read_text())
+    ui = json.loads((UI_DIR / f"{name}.json").read_text())
     api = json.loads((API_DIR / f"{name}.json").read_text())
     assert validate_api(api, specs) == []
     # the prompt the frontend would send: widget values by name, links as [node id, output slot]
@@ -303,7 +307,7 @@ def _mutations(ui):
 @pytest.mark.parametrize("mutation", ["swap_widgets", "string_for_float", "drop_widget", "wrong_link_type", "retarget", "unknown_type",
                                       "bad_combo"])
 def test_validator_catches_broken_workflows(mutation, specs):
-    ui = json.loads((WORKFLOW_DIR / "text_only_body_id_sdxl_lightning.json").read_text())
+    ui = json.loads((UI_DIR / "text_only_body_id_sdxl_lightning.json").read_text())
     broken = copy.deepcopy(ui)
     _mutations(broken)[mutation](broken)
     assert validate_ui(broken, specs), f"{mutation} went unnoticed"

@@ -1,6 +1,6 @@
 """Build BoLID's example workflows from one Python description, in ComfyUI's UI format and in API format.
 
-    python workflows/build.py            write workflows/*.json, workflows/api/*.json, example_workflows/*.json
+    python workflows/build.py            write workflows/ui/*.json, workflows/api/*.json, example_workflows/*.json
     python workflows/build.py --check    exit 1 if any of those files differs from what this script builds
     python workflows/build.py --dump-core /path/to/ComfyUI
                                          refresh workflows/spec/core_nodes.json from a real ComfyUI
@@ -30,6 +30,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
+UI_DIR = WORKFLOWS / "ui"  # not workflows/*.json: ComfyUI would list each template twice
 API_DIR = WORKFLOWS / "api"
 EXAMPLES = REPO / "example_workflows"
 CORE_SPEC = WORKFLOWS / "spec" / "core_nodes.json"
@@ -520,7 +521,7 @@ def build_all(specs: dict[str, NodeSpec] | None = None) -> dict[Path, str]:
         workflow = builder()
         ui = to_ui(workflow, specs)
         text = json.dumps(ui, indent=2) + "\n"
-        files[WORKFLOWS / f"{workflow.name}.json"] = text
+        files[UI_DIR / f"{workflow.name}.json"] = text
         files[EXAMPLES / f"{workflow.name}.json"] = text
         if workflow.api:
             files[API_DIR / f"{workflow.name}.json"] = json.dumps(ui_to_api(ui, specs), indent=2) + "\n"

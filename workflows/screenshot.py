@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 page.goto(url, wait_until="networkidle", timeout=120_000)
                 page.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=120_000)
                 for name, out in shots:
-                    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+                    workflow = json.loads((REPO / "workflows" / "ui" / f"{name}.json").read_text())
                     page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }",
                                   [workflow, f"{name}.json"])
                     page.wait_for_timeout(4000)
