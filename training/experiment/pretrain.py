@@ -140,7 +140,8 @@ def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, text(caps)).sample
-        loss = F.mse_loss(pred, noise)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,12 +163,16 @@ def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1
     return unet.eval(), text.eval(), losses
 
 
+def unet_prediction_type() -> str:
+    return str(make_train_scheduler().config.prediction_type)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="training/experiment_assets")
     p.add_argument("--pose-steps", type=int, default=600)
     p.add_argument("--pose-batch", type=int, default=64)
-    p.add_argument("--base-steps", type=int, default=1000)
+    p.add_argument("--base-steps", type=int, default=2500)
     p.add_argument("--base-batch", type=int, default=32)
     p.add_argument("--base-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -180,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "pretrain_log.json"
-    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+
+    def read_log() -> dict:  # re-read before each write: a pose and a base run may share the folder
+        return json.loads(log_path.read_text()) if log_path.is_file() else {}
+
+    log: dict = {}
     if args.only in ("pose", "both"):
         t0 = time.time()
         net, losses = train_pose(args.pose_steps, args.pose_batch, 2e-3, args.seed)
         save_module(net, out / "pose_net.safetensors", "world_pose_net", {"steps": args.pose_steps})
+        log = read_log()
         log["pose"] = {"steps": args.pose_steps, "batch": args.pose_batch, "seconds": round(time.time() - t0, 1),
                        "final_coord_l1_px": float(np.mean(losses[-50:])), "threads": torch.get_num_threads()}
         log_path.write_text(json.dumps(log, indent=1))
@@ -193,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         unet, text, losses = train_base(args.base_steps, args.base_batch, args.base_lr, args.seed)
         save_module(unet, out / "base_unet.safetensors", "world_base_unet", {"steps": args.base_steps})
         save_module(text, out / "caption_encoder.safetensors", "world_caption_encoder", {"steps": args.base_steps})
+        log = read_log()
         log["base"] = {"steps": args.base_steps, "batch": args.base_batch, "lr": args.base_lr,
                        "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-100:])),
-                       "threads": torch.get_num_threads()}
+                       "threads": torch.get_num_threads(), "prediction_type": unet_prediction_type()}
         log_path.write_text(json.dumps(log, indent=1))
     logger.info("pretrain done: %s", log)
     return 0

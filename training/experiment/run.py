@@ -472,6 +472,20 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         rows.append({"condition": label, **row})
     same = np.abs(generated["BoLID, stored Body ID (file, text-only mode)"].astype(int)
                   - generated["BoLID, multi-view Body ID"].astype(int)).max()
+    # diagnostics: does c_body hold the body (stage 1)? does the adapter change the images at all (stage 2)?
+    truth = np.stack([held[n]["identity"].proportion_vector() for n in names])
+    with torch.no_grad():
+        predicted = encoder.predict_proportions(torch.stack([multi[n] for n in names])).double().numpy()
+    train_mean = np.mean([make_identity(cfg.seed, i).proportion_vector()
+                          for i in range(int(cfg.world["train_identities"]))], axis=0)
+    mv = generated["BoLID, multi-view Body ID"].astype(np.float64)
+    diagnostics = {
+        "encoder_proportion_rmse_vs_truth": float(np.sqrt(np.mean((predicted - truth) ** 2))),
+        "population_mean_proportion_rmse_vs_truth": float(np.sqrt(np.mean((train_mean - truth) ** 2))),
+        "mean_abs_pixel_change_bolid_vs_text_only": float(np.abs(mv - generated["text only (base model)"]).mean()),
+        "mean_abs_pixel_change_own_vs_other_body_id": float(np.abs(
+            mv - generated["BoLID, another person's Body ID (control)"]).mean()),
+    }
     true_spread = float(np.mean([np.sqrt(np.mean((held[a]["identity"].proportion_vector()
                                                   - held[b]["identity"].proportion_vector()) ** 2))
                                  for a in names for b in names if a != b]))
@@ -480,7 +494,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     titles = {"attributes": "caption attrs ↑", "delta_vs_text": "Δ body err vs text", "fid": "FID (pose feats) ↓"}
     columns = ["body_error", "delta_vs_text", "body_detected", "attributes", "fid"]
     timings["total"] = round(time.time() - t_start, 1)
-    extra = {"timings_s": timings, "stored_vs_multiview_max_pixel_diff": int(same),
+    extra = {"timings_s": timings, "diagnostics": diagnostics, "stored_vs_multiview_max_pixel_diff": int(same),
              "heldout_identities": names, "images_per_condition": len(captions),
              "mean_true_proportion_rms_between_heldout_identities": true_spread,
              "stage2_final_losses": losses_loo[-5:], "config": {k: v for k, v in vars(cfg).items()
@@ -518,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.output_dir = Path(args.output_dir).resolve()
     summary = run(cfg)
     print((Path(summary["files"]["md"])).read_text(encoding="utf-8"))
-    print(json.dumps({k: summary[k] for k in ("timings_s", "stored_vs_multiview_max_pixel_diff",
+    print(json.dumps({k: summary[k] for k in ("timings_s", "diagnostics", "stored_vs_multiview_max_pixel_diff",
                                               "mean_true_proportion_rms_between_heldout_identities")}, indent=1))
     return 0
 

@@ -74,7 +74,7 @@ UNET_CONFIG: dict[str, Any] = {
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 }
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-                                    "prediction_type": "epsilon", "clip_sample": True}
+                                    "prediction_type": "v_prediction", "clip_sample": True}
 
 
 def make_base_unet() -> nn.Module:
