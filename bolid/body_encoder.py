@@ -369,6 +369,12 @@ def read_body_encoder_config(path: str | os.PathLike) -> BodyEncoderConfig:
 
 def load_body_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> BodyEncoder:
     """Load and validate an encoder file: kind, version, config, key set, shapes, finiteness and hash."""
+    return load_body_encoder_with_hash(path, device)[0]
+
+
+def load_body_encoder_with_hash(path: str | os.PathLike,
+                                device: str | torch.device = "cpu") -> tuple[BodyEncoder, str]:
+    """load_body_encoder, also returning ``encoder_hash`` of the loaded weights (computed once, here)."""
     path = Path(path)
     config = read_body_encoder_config(path)
     tensors, metadata = load_safetensors(path, BodyEncoderFileError)
@@ -377,11 +383,12 @@ def load_body_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     check_state_dict(tensors, reference, str(path), BodyEncoderFileError, "its declared encoder config")
     model.load_state_dict(tensors, strict=True)
     stored = metadata.get("bolid_encoder_hash")
-    if stored and stored != encoder_hash(model):
+    digest = encoder_hash(model)
+    if stored and stored != digest:
         raise BodyEncoderFileError(f"{path}: the weights do not match the hash stored in the file ({stored}); "
                                    "the file was modified or damaged, re-export it")
     model.requires_grad_(False).eval()
-    return model.to(device)
+    return model.to(device), digest
 
 
 # ----------------------------------------------------------------------------------------------- pose interface
@@ -446,11 +453,14 @@ class EncodeResult:
 
 @torch.no_grad()
 def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Sequence[PersonPose | None],
-                names: Sequence[str] | None = None, min_confidence: float = 0.3) -> EncodeResult:
+                names: Sequence[str] | None = None, min_confidence: float = 0.3,
+                model_hash: str | None = None) -> EncodeResult:
     """Encode the body identity of the one person shown in ``images`` (RGB uint8 HxWx3), given their poses.
 
     A view is used when it has a person whose body confidence (mean of COCO joints 5..16) is at least
     ``min_confidence``; its aggregation weight is that confidence. Raises BodyEncodeError when no view is usable.
+    ``model_hash`` is ``encoder_hash(encoder)`` when the caller already has it (e.g. from
+    load_body_encoder_with_hash); otherwise it is computed here.
     """
     images, poses = list(images), list(poses)
     if not images:
@@ -490,5 +500,5 @@ def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Seque
              "proportions_predicted": [round(float(v), 6) for v in encoder.predict_proportions(mu)[0].float()],
              "min_confidence": float(min_confidence)}
     body_id = BodyID(c_body=mu[0], logvar=logvar[0], views=tuple(used), view_weights=tuple(weights),
-                     encoder_hash=encoder_hash(encoder), extra=extra)
+                     encoder_hash=model_hash or encoder_hash(encoder), extra=extra)
     return EncodeResult(body_id, crops, weights, used, skipped)
