@@ -27,6 +27,7 @@ from ..bolid.body_encoder import (
 from ..bolid.body_id_io import BodyIDFileError, blend_body_ids, body_id_path, load_body_id, sample_body_id, save_body_id
 from ..bolid.identity import BodyID
 from ..bolid.keypoints import SKELETON, PersonPose
+from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8
 from .comfy_env import folder_paths_module, model_file_list, model_file_path, register_model_folders
 
 logger = logging.getLogger("bolid")
@@ -37,43 +38,15 @@ POSE_CHUNK = 8
 SEVERAL_PEOPLE = ("use the largest", "skip the image")
 
 
-def images_to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """ComfyUI IMAGE [B, H, W, C] float 0..1 -> list of HxWx3 uint8 RGB arrays."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise BodyEncodeError(f"expected a non-empty IMAGE batch [B, H, W, C], got {shape}")
-    if images.shape[-1] == 1:
-        images = images.expand(*images.shape[:-1], 3)
-    rgb = (images[..., :3].detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
-    return [np.ascontiguousarray(im) for im in rgb]
-
-
-def _progress(total: int) -> Any:
-    try:
-        import comfy.utils  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return comfy.utils.ProgressBar(total)
-
-
-def _check_interrupted() -> None:
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    mm.throw_exception_if_processing_interrupted()
-
-
 def _detect(pose_model: Any, images: list[np.ndarray]) -> list[list[PersonPose]]:
     """Pose detection in chunks, with ComfyUI's progress bar and interruption."""
-    bar = _progress(len(images))
+    step = batch_progress(len(images))
     out: list[list[PersonPose]] = []
     for start in range(0, len(images), POSE_CHUNK):
-        _check_interrupted()
+        check_interrupted()
         chunk = images[start:start + POSE_CHUNK]
         out.extend(detect_people(pose_model, chunk))
-        if bar is not None:
-            bar.update(len(chunk))
+        step(start + len(chunk))
     return out
 
 
@@ -145,7 +118,7 @@ class EncodeBodyFromImages:
 
     def encode(self, body_encoder: BodyEncoder, pose_model: Any, images: torch.Tensor, min_confidence: float,
                several_people: str = SEVERAL_PEOPLE[0]) -> tuple[BodyID, torch.Tensor]:
-        arrays = images_to_uint8(images)
+        arrays = image_batch_to_uint8(images)
         names = [f"image {i}" for i in range(len(arrays))]
         people = _detect(pose_model, arrays)
         poses: list[PersonPose | None] = []

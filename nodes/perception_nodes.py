@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from ..bolid.face import FaceAnalyzer, check_face_model_dir
 from ..bolid.keypoints import PersonPose
 from ..bolid.onnx_providers import PROVIDER_CHOICES
 from ..bolid.pose import PERSON_CHOICES, PoseRunner, draw_poses
+from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8
 from .comfy_env import folder_paths_module, model_file_list, model_file_path
 
 logger = logging.getLogger("bolid")
@@ -25,31 +25,7 @@ DEFAULT_FACE_PACKS = ("antelopev2", "buffalo_l")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ComfyUI helpers (no-ops outside ComfyUI)
-
-
-def batch_progress(total: int) -> Callable[[int], None]:
-    """A per-item step function: checks for cancellation and advances ComfyUI's progress bar."""
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-        import comfy.utils  # type: ignore[import-not-found]
-    except ImportError:
-        return lambda done: None
-    bar = comfy.utils.ProgressBar(total)
-
-    def step(done: int) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total)
-
-    return step
-
-
-def check_interrupted() -> None:
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    mm.throw_exception_if_processing_interrupted()
+# InsightFace model folders
 
 
 def insightface_roots() -> list[str]:
@@ -85,14 +61,6 @@ def insightface_pack_dir(name: str) -> str:
         if os.path.isdir(folder):
             return folder
     return os.path.join(roots[-1], "models", name)
-
-
-def image_batch_to_numpy(image: torch.Tensor) -> list[np.ndarray]:
-    """ComfyUI IMAGE [B,H,W,C] float 0..1 -> list of HxWx3 uint8 RGB."""
-    if image.ndim == 3:
-        image = image[None]
-    arr = image[..., :3].detach().float().cpu().clamp(0, 1).numpy()
-    return [np.rint(a * 255.0).astype(np.uint8) for a in arr]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,7 +132,7 @@ class DetectBodyPose:
 
     def detect(self, pose_model: PoseRunner, image: torch.Tensor, confidence: float,
                person: str) -> tuple[list[PersonPose | None], torch.Tensor]:
-        frames = image_batch_to_numpy(image)
+        frames = image_batch_to_uint8(image)
         step = batch_progress(len(frames))
         poses: list[PersonPose | None] = []
         previews = []
@@ -200,7 +168,7 @@ class EncodeFace:
                    "(detection retries 640, 512, 384, 256).")
 
     def encode(self, face_analysis: FaceAnalyzer, image: torch.Tensor, no_face: str):
-        frames = image_batch_to_numpy(image)
+        frames = image_batch_to_uint8(image)
         step = batch_progress(len(frames))
         embeds = face_analysis.embed(frames, no_face=no_face, callback=lambda done, total: step(done))
         logger.info("BoLID: face embedding from %d of %d images", embeds.num_images, len(frames))

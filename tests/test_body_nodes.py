@@ -58,6 +58,12 @@ def be(pack):
 
 
 @pytest.fixture
+def batch(pack):
+    """nodes/comfy_batch.py: the IMAGE conversion, progress and cancellation helpers all node modules use."""
+    return pack.nodes.comfy_batch
+
+
+@pytest.fixture
 def ids(pack):
     return pack.bolid.body_id_io
 
@@ -143,11 +149,11 @@ def test_encode_body_from_images(nodes, encoder, caplog):
     torch.testing.assert_close(again.c_body, body_id.c_body, rtol=1e-5, atol=1e-6)
 
 
-def test_encode_errors(nodes, encoder, be):
+def test_encode_errors(nodes, encoder, be, batch):
     images = comfy_images(2)
     with pytest.raises(be.BodyEncodeError, match=r"image 0: no person detected; image 1: no person detected"):
         nodes.EncodeBodyFromImages().encode(encoder, FakePoseModel(), images, 0.3)
-    with pytest.raises(be.BodyEncodeError, match="non-empty IMAGE batch"):
+    with pytest.raises(batch.ImageBatchError, match="non-empty IMAGE batch"):
         nodes.EncodeBodyFromImages().encode(encoder, FakePoseModel(), images[:0], 0.3)
 
 
@@ -179,3 +185,64 @@ def test_sample_and_blend_nodes(nodes, encoder, ids):
     torch.testing.assert_close(mid.c_body, 0.75 * a.c_body + 0.25 * b.c_body)
     with pytest.raises(ids.BodyIDMismatchError):
         nodes.BlendBodyIDs().blend(a, ids.sample_body_id(16, 1), 0.5, "slerp")
+
+
+def test_image_batch_to_uint8(batch):
+    rgb = torch.tensor([[[[0.0, 0.5, 1.0], [-1.0, 2.0, 0.2]]]])  # [1, 1, 2, 3]
+    (out,) = batch.image_batch_to_uint8(rgb)
+    assert out.dtype == np.uint8 and out.shape == (1, 2, 3) and out.flags.c_contiguous
+    assert out.tolist() == [[[0, 128, 255], [0, 255, 51]]]
+    (single,) = batch.image_batch_to_uint8(rgb[0])  # one [H, W, C] image
+    assert np.array_equal(single, out)
+    (grey,) = batch.image_batch_to_uint8(rgb[..., :1])
+    assert grey.shape == (1, 2, 3) and grey[..., 0].tolist() == grey[..., 2].tolist() == [[0, 0]]
+    (rgba,) = batch.image_batch_to_uint8(torch.cat([rgb, torch.ones(1, 1, 2, 1)], dim=-1))
+    assert np.array_equal(rgba, out)
+    assert len(batch.image_batch_to_uint8(torch.zeros(3, 4, 5, 3))) == 3
+    for bad in (torch.zeros(0, 4, 4, 3), torch.zeros(1, 4, 4, 2), torch.zeros(4, 4), np.zeros((1, 4, 4, 3))):
+        with pytest.raises(batch.ImageBatchError, match="non-empty IMAGE batch"):
+            batch.image_batch_to_uint8(bad)
+
+
+def test_progress_and_cancellation_use_comfyui_when_present(batch, monkeypatch):
+    calls: list[tuple[int, int]] = []
+    state = {"cancelled": False}
+
+    class Bar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None):
+            calls.append((value, total))
+
+    class FakeInterruptError(Exception):
+        pass
+
+    def throw():
+        if state["cancelled"]:
+            raise FakeInterruptError
+
+    utils, mm = types.ModuleType("comfy.utils"), types.ModuleType("comfy.model_management")
+    utils.ProgressBar, mm.throw_exception_if_processing_interrupted = Bar, throw
+    monkeypatch.setitem(sys.modules, "comfy", sys.modules.get("comfy", types.ModuleType("comfy")))
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    step = batch.batch_progress(3)
+    step(1)
+    step(3)
+    assert calls == [(1, 3), (3, 3)]
+    batch.check_interrupted()
+    state["cancelled"] = True
+    with pytest.raises(FakeInterruptError):
+        batch.check_interrupted()
+    with pytest.raises(FakeInterruptError):
+        step(2)
+    assert calls == [(1, 3), (3, 3)]
+
+
+def test_pose_detection_reports_progress_per_chunk(nodes, batch, monkeypatch):
+    done: list[int] = []
+    monkeypatch.setattr(nodes, "batch_progress", lambda total: done.append)
+    images = [np.full((4, 4, 3), i, np.uint8) for i in range(nodes.POSE_CHUNK + 3)]
+    assert nodes._detect(FakePoseModel(), images) == [[] for _ in images]
+    assert done == [nodes.POSE_CHUNK, nodes.POSE_CHUNK + 3]
