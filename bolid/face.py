@@ -139,6 +139,7 @@ class FaceAnalyzer:
         images = list(images)
         if not images:
             raise NoFaceError("no images given to encode a face from")
+        # the nodes' naming (nodes/comfy_batch.image_names): 1-based, "image K of N"
         names = list(names) if names is not None else [f"image {i + 1} of {len(images)}" for i in range(len(images))]
         found, skipped = [], []
         for done, (image, name) in enumerate(zip(images, names, strict=True), start=1):

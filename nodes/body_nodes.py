@@ -27,7 +27,7 @@ from ..bolid.body_encoder import (
 from ..bolid.body_id_io import BodyIDFileError, blend_body_ids, body_id_path, load_body_id, sample_body_id, save_body_id
 from ..bolid.identity import BodyID
 from ..bolid.keypoints import SKELETON, PersonPose
-from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8
+from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8, image_names
 from .comfy_env import folder_paths_module, model_file_list, model_file_path, register_model_folders
 
 logger = logging.getLogger("bolid")
@@ -119,7 +119,7 @@ class EncodeBodyFromImages:
     def encode(self, body_encoder: BodyEncoder, pose_model: Any, images: torch.Tensor, min_confidence: float,
                several_people: str = SEVERAL_PEOPLE[0]) -> tuple[BodyID, torch.Tensor]:
         arrays = image_batch_to_uint8(images)
-        names = [f"image {i}" for i in range(len(arrays))]
+        names = image_names(len(arrays))
         people = _detect(pose_model, arrays)
         poses: list[PersonPose | None] = []
         for name, found in zip(names, people, strict=True):

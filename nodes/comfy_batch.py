@@ -35,6 +35,16 @@ def image_batch_to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     return [np.ascontiguousarray(im) for im in rgb]
 
 
+def image_names(count: int) -> list[str]:
+    """How messages, logs and previews name the images of a batch: "image 1 of 3", ... (1-based)."""
+    return [image_name(i, count) for i in range(count)]
+
+
+def image_name(index: int, count: int) -> str:
+    """The user-facing name of batch item ``index`` (0-based) of ``count``: "image <index + 1> of <count>"."""
+    return f"image {index + 1} of {count}"
+
+
 def check_interrupted() -> None:
     """Raise ComfyUI's interruption exception when the user cancelled the run; nothing outside ComfyUI."""
     try:

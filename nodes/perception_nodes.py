@@ -16,7 +16,7 @@ from ..bolid.face import FaceAnalyzer, check_face_model_dir
 from ..bolid.keypoints import PersonPose
 from ..bolid.onnx_providers import PROVIDER_CHOICES
 from ..bolid.pose import PERSON_CHOICES, PoseRunner, draw_poses
-from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8
+from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8, image_names
 from .comfy_env import folder_paths_module, model_file_list, model_file_path
 
 logger = logging.getLogger("bolid")
@@ -136,12 +136,11 @@ class DetectBodyPose:
         step = batch_progress(len(frames))
         poses: list[PersonPose | None] = []
         previews = []
-        for i, frame in enumerate(frames, start=1):
+        for i, (frame, name) in enumerate(zip(frames, image_names(len(frames)), strict=True), start=1):
             check_interrupted()
             main = pose_model.detect_main(frame, conf=confidence, choice=person)[0]
             if main is None:
-                logger.warning("BoLID: no person found in image %d of %d (confidence >= %.2f)", i, len(frames),
-                               confidence)
+                logger.warning("BoLID: no person found in %s (confidence >= %.2f)", name, confidence)
             poses.append(main)
             previews.append(draw_poses(frame, [main]))
             step(i)
@@ -170,7 +169,8 @@ class EncodeFace:
     def encode(self, face_analysis: FaceAnalyzer, image: torch.Tensor, no_face: str):
         frames = image_batch_to_uint8(image)
         step = batch_progress(len(frames))
-        embeds = face_analysis.embed(frames, no_face=no_face, callback=lambda done, total: step(done))
+        embeds = face_analysis.embed(frames, no_face=no_face, names=image_names(len(frames)),
+                                     callback=lambda done, total: step(done))
         logger.info("BoLID: face embedding from %d of %d images", embeds.num_images, len(frames))
         return (embeds,)
 

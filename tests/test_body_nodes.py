@@ -135,15 +135,16 @@ def test_encode_body_from_images(nodes, encoder, caplog):
     pose.add(images[0], [standing_person()])
     pose.add(images[2], [standing_person(45, 1.0, 0.8), standing_person(20, 0.4)])  # a small bystander
     pose.add(images[3], [standing_person(conf=0.1)])  # body barely visible
-    # image 1: nobody
+    # image 2 of 4: nobody
     body_id, preview = nodes.EncodeBodyFromImages().encode(encoder, pose, images, 0.3)
-    assert body_id.views == ("image 0", "image 2") and body_id.view_weights == pytest.approx((0.9, 0.8))
+    assert body_id.views == ("image 1 of 4", "image 3 of 4") and body_id.view_weights == pytest.approx((0.9, 0.8))
     assert body_id.dim == 8 and torch.isfinite(body_id.c_body).all()
     assert preview.shape == (2, 192, 192, 3) and 0 <= preview.min() and preview.max() <= 1
     log = caplog.text
-    assert "image 1: no person detected" in log and "image 3: body keypoint confidence 0.10" in log
+    assert "image 2 of 4: no person detected" in log and "image 4 of 4: body keypoint confidence 0.10" in log
     skip, _ = nodes.EncodeBodyFromImages().encode(encoder, pose, images, 0.3, "skip the image")
-    assert skip.views == ("image 0",)
+    assert skip.views == ("image 1 of 4",)
+    assert "skipped image 3 of 4: 2 people detected" in caplog.text
     # the identity does not depend on the order of the photos
     again, _ = nodes.EncodeBodyFromImages().encode(encoder, pose, images[[2, 1, 0]], 0.3)
     torch.testing.assert_close(again.c_body, body_id.c_body, rtol=1e-5, atol=1e-6)
@@ -151,7 +152,7 @@ def test_encode_body_from_images(nodes, encoder, caplog):
 
 def test_encode_errors(nodes, encoder, be, batch):
     images = comfy_images(2)
-    with pytest.raises(be.BodyEncodeError, match=r"image 0: no person detected; image 1: no person detected"):
+    with pytest.raises(be.BodyEncodeError, match=r"image 1 of 2: no person detected; image 2 of 2: no person detected"):
         nodes.EncodeBodyFromImages().encode(encoder, FakePoseModel(), images, 0.3)
     with pytest.raises(batch.ImageBatchError, match="non-empty IMAGE batch"):
         nodes.EncodeBodyFromImages().encode(encoder, FakePoseModel(), images[:0], 0.3)
@@ -246,3 +247,8 @@ def test_pose_detection_reports_progress_per_chunk(nodes, batch, monkeypatch):
     images = [np.full((4, 4, 3), i, np.uint8) for i in range(nodes.POSE_CHUNK + 3)]
     assert nodes._detect(FakePoseModel(), images) == [[] for _ in images]
     assert done == [nodes.POSE_CHUNK, nodes.POSE_CHUNK + 3]
+
+
+def test_image_names_are_one_based(batch):
+    assert batch.image_names(3) == ["image 1 of 3", "image 2 of 3", "image 3 of 3"]
+    assert batch.image_name(0, 1) == "image 1 of 1"

@@ -81,7 +81,7 @@ def test_registered_with_display_names(pack):
         assert hasattr(cls, cls.FUNCTION) and len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
 
 
-def test_pose_nodes(nodes, comfy_models, pack):
+def test_pose_nodes(nodes, comfy_models, pack, caplog):
     inputs = nodes.LoadPoseModel.INPUT_TYPES()["required"]
     assert inputs["model_name"][0] == ["yolo11n-pose.onnx"]
     assert "auto" in inputs["provider"][0] and "CUDA" in inputs["provider"][0]
@@ -98,8 +98,10 @@ def test_pose_nodes(nodes, comfy_models, pack):
     assert 0.0 <= float(preview.min()) and float(preview.max()) <= 1.0
     assert not torch.equal(preview[0], _as_image(zidane)[0])  # something was drawn
     # nobody above the threshold: None, and the preview is the image itself
+    caplog.clear()
     poses, preview = nodes.DetectBodyPose().detect(model, _as_image(zidane), 1.0, "largest")
     assert poses == [None] and torch.equal(preview[0], _as_image(zidane)[0])
+    assert "no person found in image 1 of 1" in caplog.text
 
 
 def test_missing_pose_file_names_the_folders(nodes):
@@ -107,7 +109,7 @@ def test_missing_pose_file_names_the_folders(nodes):
         nodes.LoadPoseModel().load("nope.onnx", "auto")
 
 
-def test_face_nodes(nodes, comfy_models, pack):
+def test_face_nodes(nodes, comfy_models, pack, caplog):
     assert nodes.LoadInsightFace.INPUT_TYPES()["required"]["model_name"][0][:3] == [
         "tinypack", "antelopev2", "buffalo_l"]
     (analyzer,) = nodes.LoadInsightFace().load("tinypack", "CPU")
@@ -121,7 +123,9 @@ def test_face_nodes(nodes, comfy_models, pack):
     torch.testing.assert_close(embeds.embedding, expected, atol=1e-5, rtol=0)
     with pytest.raises(pack.bolid.face.NoFaceError, match="image 2 of 3"):
         nodes.EncodeFace().encode(analyzer, _as_image(a, blank, b), "error")
+    caplog.clear()
     (skipped,) = nodes.EncodeFace().encode(analyzer, _as_image(a, blank, b), "skip")
+    assert "no face found in image 2 of 3" in caplog.text
     assert skipped.num_images == 2
     torch.testing.assert_close(skipped.embedding, expected, atol=1e-5, rtol=0)
 
