@@ -100,13 +100,23 @@ class BoLIDDiffusers:
     def set_identity(self, face_embeds: torch.Tensor | None = None, body_embeds: torch.Tensor | None = None) -> None:
         """Per-row conditions for the next UNet calls: [B, 512] face and/or [B, body_dim] body (or [dim]).
 
-        Rows that should carry no identity (CFG's unconditional half, condition dropout) use zero vectors.
+        Rows that should carry no identity (CFG's unconditional half, condition dropout) use zero vectors; a
+        branch passed as None while the other is given is the zero embedding too, as in training. Both None
+        switches BoLID off (plain base model).
         """
         self._tokens = {}
         self._kv_cache = {}
+        given = face_embeds if face_embeds is not None else body_embeds
+        if given is None:
+            return
+        rows = 1 if given.ndim == 1 else given.shape[0]
+        config = self.adapter.config
+        if face_embeds is None:
+            face_embeds = torch.zeros(rows, config.face_embed_dim, device=given.device)
+        if body_embeds is None:
+            body_embeds = torch.zeros(rows, config.body_dim, device=given.device)
         for branch, embeds in (("face", face_embeds), ("body", body_embeds)):
-            if embeds is not None:
-                self._tokens[branch] = self.adapter.tokens(branch, embeds)
+            self._tokens[branch] = self.adapter.tokens(branch, embeds)
 
     def branches(self, layer: int, batch: int, device: torch.device, dtype: torch.dtype) -> list[BranchKV]:
         """The active branches' K/V for one layer, broadcast to ``batch`` rows."""

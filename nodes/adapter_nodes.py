@@ -73,6 +73,12 @@ def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None,
         embeds["body"] = body_id.c_body.reshape(1, -1)
     if not embeds:
         raise EmbeddingError("Apply BoLID Adapter needs a body_id and/or face_embeds input; neither is connected")
+    # An unconnected identity is the zero embedding: exactly what the adapter saw in training for a missing or
+    # dropped face/body, so body-only (text-only mode) and face-only runs match training.
+    if "face" not in embeds:
+        embeds["face"] = torch.zeros(1, config.face_embed_dim)
+    if "body" not in embeds:
+        embeds["body"] = torch.zeros(1, config.body_dim)
     return embeds
 
 

@@ -151,7 +151,11 @@ def test_apply_wraps_existing_patch(pack, folders):
     model.set_model_attn2_replace(foreign, "middle", 0, 0)
     body, _ = _identity(pack)
     (patched,) = _nodes(pack).ApplyBoLIDAdapter().apply(model, loaded, 1.0, 1.0, 0.0, 1.0, body_id=body)
-    assert patched.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)].wrapped is foreign
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
+    assert patch.wrapped is foreign
+    # body only (text-only mode): the face branch sees the zero embedding, as in training's condition dropout
+    assert torch.equal(patch.state.embeds["face"], torch.zeros(1, 512))
+    assert patch.state.active_branches() == ["face", "body"]
 
 
 def test_apply_errors_name_the_problem(pack, folders):

@@ -61,3 +61,22 @@ def test_bolid_equals_stock_ip_adapters(layout, w_face, w_body, tmp_path):
 
     assert (ours - expected).abs().max().item() <= 1e-5
     assert (ours - base).abs().max().item() > 1e-3, "the branches must change the output"
+
+
+def test_missing_branch_is_the_zero_embedding():
+    unet = tiny_sd15_unet()
+    adapter = randomize_(init_adapter_from_unet(unet, adapter_config_for_unet(unet, body_dim=BODY_DIM)), seed=4)
+    torch.manual_seed(1)
+    sample, text, body = torch.randn(2, 4, 8, 8), torch.randn(2, 7, CTX), torch.randn(2, BODY_DIM)
+    controller = BoLIDDiffusers.attach(unet, adapter, 0.6, 1.0)
+    with torch.no_grad():
+        controller.set_identity(None, body)
+        implicit = unet(sample, 10, encoder_hidden_states=text).sample
+        controller.set_identity(torch.zeros(2, 512), body)
+        explicit = unet(sample, 10, encoder_hidden_states=text).sample
+        controller.set_identity(None, None)
+        off = unet(sample, 10, encoder_hidden_states=text).sample
+        controller.detach()
+        base = unet(sample, 10, encoder_hidden_states=text).sample
+    assert torch.equal(implicit, explicit)
+    assert torch.equal(off, base)
