@@ -251,7 +251,10 @@ def aggregate_views(mu: torch.Tensor, logvar: torch.Tensor, weights: torch.Tenso
     masked, so even NaN features of padding cannot leak), the order of views does not matter (a sum), and each
     extra view with w_i > 0 strictly raises the precision (a tighter posterior).
     """
-    w = weights.to(mu.dtype).clamp_min(0.0).unsqueeze(-1)
+    # float32 inside: under fp16 autocast w / var_i * mu_i overflows (logvar -9, mu 3.5, three views -> inf)
+    out_dtype = mu.dtype
+    mu, logvar = mu.float(), logvar.float()
+    w = weights.float().clamp_min(0.0).unsqueeze(-1)
     active = w > 0
     inv_var = torch.exp(-logvar)
     prec_terms = torch.where(active, w * inv_var, torch.zeros_like(inv_var))
@@ -260,7 +263,7 @@ def aggregate_views(mu: torch.Tensor, logvar: torch.Tensor, weights: torch.Tenso
     if prior_expert:
         precision = precision + 1.0
     precision = precision.clamp_min(1e-8)
-    return mean_terms.sum(-2) / precision, -torch.log(precision)
+    return (mean_terms.sum(-2) / precision).to(out_dtype), (-torch.log(precision)).to(out_dtype)
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -173,6 +173,19 @@ def test_product_of_gaussians_formula():
     torch.testing.assert_close(m1, m * prec / (prec + 1))
 
 
+def test_product_of_gaussians_is_finite_in_fp16():
+    # w / var * mu overflows fp16 (max 65504) for confident views: it is computed in float32 and cast back
+    mu = torch.full((3, 4), 3.5)
+    logvar = torch.full((3, 4), -9.0)
+    w = torch.ones(3)
+    ref_m, ref_lv = aggregate_views(mu, logvar, w)
+    m, lv = aggregate_views(mu.half(), logvar.half(), w.half())
+    assert m.dtype == lv.dtype == torch.float16
+    assert torch.isfinite(m).all() and torch.isfinite(lv).all()
+    torch.testing.assert_close(m.float(), ref_m, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(lv.float(), ref_lv, rtol=1e-3, atol=1e-3)
+
+
 def test_losses_backpropagate_into_every_part():
     torch.manual_seed(0)
     model = BodyEncoder(TINY)
