@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,7 @@ from ..bolid.body_encoder import (
     crop_person,
     detect_people,
     encode_body,
-    encoder_hash,
-    load_body_encoder,
+    load_body_encoder_with_hash,
     main_person,
 )
 from ..bolid.body_id_io import BodyIDFileError, blend_body_ids, body_id_path, load_body_id, sample_body_id, save_body_id
@@ -36,6 +36,28 @@ BODY_IDS_FOLDER = "bolid_body_ids"
 PREVIEW_SIZE = 192
 POSE_CHUNK = 8
 SEVERAL_PEOPLE = ("use the largest", "skip the image")
+
+
+@dataclass(frozen=True)
+class LoadedBodyEncoder:
+    """The BOLID_BODY_ENCODER socket value: the encoder with its content hash, computed once when loaded.
+
+    Encode/Sample stamp identities with ``hash`` instead of re-hashing all weights on every run.
+    """
+
+    model: BodyEncoder
+    hash: str
+    name: str
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.latent_dim
+
+
+def _loaded(body_encoder: Any) -> LoadedBodyEncoder:
+    if not isinstance(body_encoder, LoadedBodyEncoder):
+        raise TypeError(f"body_encoder must come from Load Body-ID Encoder (BoLID), got {type(body_encoder).__name__}")
+    return body_encoder
 
 
 def _detect(pose_model: Any, images: list[np.ndarray]) -> list[list[PersonPose]]:
@@ -90,11 +112,12 @@ class LoadBodyEncoder:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads a Body-ID encoder (.safetensors from models/bolid, exported by stage-1 training)."
 
-    def load(self, encoder_name: str) -> tuple[BodyEncoder]:
-        encoder = load_body_encoder(model_file_path("bolid", encoder_name))
-        logger.info("BoLID: loaded body encoder %s (c_body dim %d, hash %s)", encoder_name,
-                    encoder.latent_dim, encoder_hash(encoder))
-        return (encoder,)
+    def load(self, encoder_name: str) -> tuple[LoadedBodyEncoder]:
+        model, digest = load_body_encoder_with_hash(model_file_path("bolid", encoder_name))
+        loaded = LoadedBodyEncoder(model=model, hash=digest, name=encoder_name)
+        logger.info("BoLID: loaded body encoder %s (c_body dim %d, hash %s)", encoder_name, loaded.latent_dim,
+                    digest)
+        return (loaded,)
 
 
 class EncodeBodyFromImages:
@@ -116,8 +139,9 @@ class EncodeBodyFromImages:
     DESCRIPTION = ("Encodes one person's body identity from one or more photos; views are weighted by pose "
                    "confidence. The preview shows the views used and their weights.")
 
-    def encode(self, body_encoder: BodyEncoder, pose_model: Any, images: torch.Tensor, min_confidence: float,
-               several_people: str = SEVERAL_PEOPLE[0]) -> tuple[BodyID, torch.Tensor]:
+    def encode(self, body_encoder: LoadedBodyEncoder, pose_model: Any, images: torch.Tensor,
+               min_confidence: float, several_people: str = SEVERAL_PEOPLE[0]) -> tuple[BodyID, torch.Tensor]:
+        body_encoder = _loaded(body_encoder)
         arrays = image_batch_to_uint8(images)
         names = image_names(len(arrays))
         people = _detect(pose_model, arrays)
@@ -131,13 +155,14 @@ class EncodeBodyFromImages:
                 logger.info("BoLID encode body: %s shows %d people, using the largest", name, len(found))
             poses.append(main_person(found))
         try:
-            result = encode_body(body_encoder, arrays, poses, names, min_confidence)
+            result = encode_body(body_encoder.model, arrays, poses, names, min_confidence,
+                                 model_hash=body_encoder.hash)
         except BodyEncodeError as exc:
             raise BodyEncodeError(f"Encode Body From Images: {exc}") from exc
         index = {n: i for i, n in enumerate(names)}
         used = [index[n] for n in result.used]
         preview = preview_views([arrays[i] for i in used], [poses[i] for i in used], result.used, result.weights,
-                                body_encoder.config.crop_margin)
+                                body_encoder.model.config.crop_margin)
         logger.info("BoLID encode body: %d view(s) used (%s), %d skipped", len(used),
                     ", ".join(f"{n} w={w:.2f}" for n, w in zip(result.used, result.weights, strict=True)),
                     len(result.skipped))
@@ -216,8 +241,9 @@ class SampleBodyID:
     CATEGORY = CATEGORY
     DESCRIPTION = "Draws a new body identity from the encoder's prior N(0, I), reproducibly from the seed."
 
-    def sample(self, body_encoder: BodyEncoder, seed: int, temperature: float) -> tuple[BodyID]:
-        return (sample_body_id(body_encoder.latent_dim, seed, encoder_hash(body_encoder), temperature),)
+    def sample(self, body_encoder: LoadedBodyEncoder, seed: int, temperature: float) -> tuple[BodyID]:
+        body_encoder = _loaded(body_encoder)
+        return (sample_body_id(body_encoder.latent_dim, seed, body_encoder.hash, temperature),)
 
 
 class BlendBodyIDs:

@@ -74,6 +74,12 @@ def encoder(be):
     return be.BodyEncoder(be.BodyEncoderConfig(**TINY)).eval()
 
 
+@pytest.fixture
+def loaded(nodes, encoder, be):
+    """What Load Body-ID Encoder hands on: the encoder with its hash."""
+    return nodes.LoadedBodyEncoder(model=encoder, hash=be.encoder_hash(encoder), name="tiny.safetensors")
+
+
 def standing_person(x0: float = 40.0, scale: float = 1.0, conf: float = 0.9) -> PersonPose:
     kp = np.zeros((17, 3), dtype=np.float32)
     pts = {0: (30, 10), 5: (40, 25), 6: (20, 25), 7: (44, 40), 8: (16, 40), 9: (46, 55), 10: (14, 55),
@@ -122,40 +128,42 @@ def test_load_body_encoder_node(nodes, folders, encoder, be):
     assert nodes.LoadBodyEncoder.INPUT_TYPES()["required"]["encoder_name"][0] == ["broken.safetensors",
                                                                                   "enc.safetensors"]
     (loaded,) = nodes.LoadBodyEncoder().load("enc.safetensors")
-    assert loaded.config == encoder.config and not loaded.training
+    assert isinstance(loaded, nodes.LoadedBodyEncoder) and loaded.name == "enc.safetensors"
+    assert loaded.model.config == encoder.config and not loaded.model.training and loaded.latent_dim == 8
+    assert loaded.hash == be.encoder_hash(encoder) == be.encoder_hash(loaded.model)
     with pytest.raises(be.BodyEncoderFileError, match="broken.safetensors"):
         nodes.LoadBodyEncoder().load("broken.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         nodes.LoadBodyEncoder().load("missing.safetensors")
 
 
-def test_encode_body_from_images(nodes, encoder, caplog):
+def test_encode_body_from_images(nodes, loaded, caplog):
     images = comfy_images(4)
     pose = FakePoseModel()
     pose.add(images[0], [standing_person()])
     pose.add(images[2], [standing_person(45, 1.0, 0.8), standing_person(20, 0.4)])  # a small bystander
     pose.add(images[3], [standing_person(conf=0.1)])  # body barely visible
     # image 2 of 4: nobody
-    body_id, preview = nodes.EncodeBodyFromImages().encode(encoder, pose, images, 0.3)
+    body_id, preview = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3)
     assert body_id.views == ("image 1 of 4", "image 3 of 4") and body_id.view_weights == pytest.approx((0.9, 0.8))
     assert body_id.dim == 8 and torch.isfinite(body_id.c_body).all()
     assert preview.shape == (2, 192, 192, 3) and 0 <= preview.min() and preview.max() <= 1
     log = caplog.text
     assert "image 2 of 4: no person detected" in log and "image 4 of 4: body keypoint confidence 0.10" in log
-    skip, _ = nodes.EncodeBodyFromImages().encode(encoder, pose, images, 0.3, "skip the image")
+    skip, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3, "skip the image")
     assert skip.views == ("image 1 of 4",)
     assert "skipped image 3 of 4: 2 people detected" in caplog.text
     # the identity does not depend on the order of the photos
-    again, _ = nodes.EncodeBodyFromImages().encode(encoder, pose, images[[2, 1, 0]], 0.3)
+    again, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images[[2, 1, 0]], 0.3)
     torch.testing.assert_close(again.c_body, body_id.c_body, rtol=1e-5, atol=1e-6)
 
 
-def test_encode_errors(nodes, encoder, be, batch):
+def test_encode_errors(nodes, loaded, be, batch):
     images = comfy_images(2)
     with pytest.raises(be.BodyEncodeError, match=r"image 1 of 2: no person detected; image 2 of 2: no person detected"):
-        nodes.EncodeBodyFromImages().encode(encoder, FakePoseModel(), images, 0.3)
+        nodes.EncodeBodyFromImages().encode(loaded, FakePoseModel(), images, 0.3)
     with pytest.raises(batch.ImageBatchError, match="non-empty IMAGE batch"):
-        nodes.EncodeBodyFromImages().encode(encoder, FakePoseModel(), images[:0], 0.3)
+        nodes.EncodeBodyFromImages().encode(loaded, FakePoseModel(), images[:0], 0.3)
 
 
 def test_save_and_load_body_id_nodes_share_one_folder(nodes, folders, ids):
@@ -177,10 +185,10 @@ def test_save_and_load_body_id_nodes_share_one_folder(nodes, folders, ids):
     assert not (folders / "escape.safetensors").exists()
 
 
-def test_sample_and_blend_nodes(nodes, encoder, ids):
-    (a,) = nodes.SampleBodyID().sample(encoder, 7, 1.0)
-    (a2,) = nodes.SampleBodyID().sample(encoder, 7, 1.0)
-    (b,) = nodes.SampleBodyID().sample(encoder, 8, 0.5)
+def test_sample_and_blend_nodes(nodes, loaded, ids):
+    (a,) = nodes.SampleBodyID().sample(loaded, 7, 1.0)
+    (a2,) = nodes.SampleBodyID().sample(loaded, 7, 1.0)
+    (b,) = nodes.SampleBodyID().sample(loaded, 8, 0.5)
     assert a.dim == 8 and torch.equal(a.c_body, a2.c_body) and a.encoder_hash and a.encoder_hash == b.encoder_hash
     (mid,) = nodes.BlendBodyIDs().blend(a, b, 0.25, "linear")
     torch.testing.assert_close(mid.c_body, 0.75 * a.c_body + 0.25 * b.c_body)
@@ -252,3 +260,20 @@ def test_pose_detection_reports_progress_per_chunk(nodes, batch, monkeypatch):
 def test_image_names_are_one_based(batch):
     assert batch.image_names(3) == ["image 1 of 3", "image 2 of 3", "image 3 of 3"]
     assert batch.image_name(0, 1) == "image 1 of 1"
+
+
+def test_encoder_hash_is_computed_once_at_load(nodes, folders, encoder, be, monkeypatch):
+    be.save_body_encoder(encoder, folders / "bolid" / "enc.safetensors")
+    calls = []
+    real = be.encoder_hash
+    monkeypatch.setattr(be, "encoder_hash", lambda model: calls.append(model) or real(model))
+    (loaded,) = nodes.LoadBodyEncoder().load("enc.safetensors")
+    assert len(calls) == 1  # verifying the stored hash and carrying it are one computation
+    images = comfy_images(2)
+    pose = FakePoseModel()
+    pose.add(images[0], [standing_person()])
+    body_id, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3)
+    (sampled,) = nodes.SampleBodyID().sample(loaded, 3, 1.0)
+    assert len(calls) == 1 and body_id.encoder_hash == sampled.encoder_hash == loaded.hash
+    with pytest.raises(TypeError, match="Load Body-ID Encoder"):
+        nodes.SampleBodyID().sample(loaded.model, 3, 1.0)
