@@ -62,8 +62,6 @@ def diffusers_variants(latent: int, batch: int) -> dict[str, Callable[[], object
         stock_unet = pipe.unet
     stock_embeds = {"image_embeds": [face[:, None], body[:, None]]}
 
-    controller = BoLIDDiffusers(unet, adapter)
-    bolid_processors = {}
     base_processors = dict(unet.attn_processors)
     controller = BoLIDDiffusers.attach(unet, adapter, 1.0, 1.0)
     bolid_processors = dict(unet.attn_processors)

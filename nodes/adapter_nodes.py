@@ -39,6 +39,15 @@ def wrap_for_memory_manager(adapter: BoLIDAdapter) -> Any:
                                             offload_device=mm.unet_offload_device())
 
 
+def _comfy_unet_dtype() -> torch.dtype | None:
+    """The dtype ComfyUI runs UNets in (fp16/bf16 on most GPUs): the adapter's K/V weights need no more."""
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return mm.unet_dtype()
+
+
 class LoadBoLIDAdapter:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
@@ -52,7 +61,7 @@ class LoadBoLIDAdapter:
 
     def load(self, adapter_name: str) -> tuple[LoadedAdapter]:
         path = model_file_path("bolid", adapter_name)
-        adapter = load_adapter(path)
+        adapter = load_adapter(path, dtype=_comfy_unet_dtype())
         logger.info("BoLID: loaded adapter %s (%s)", adapter_name, adapter.config.describe())
         return (LoadedAdapter(adapter, adapter_name, wrap_for_memory_manager(adapter)),)
 

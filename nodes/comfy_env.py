@@ -6,6 +6,7 @@ without ComfyUI. Folder registration keeps every path that extra_model_paths.yam
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from types import ModuleType
@@ -14,7 +15,7 @@ logger = logging.getLogger("bolid")
 
 # folder name -> (default subfolder under ComfyUI's models dir, file extensions)
 MODEL_FOLDERS: dict[str, tuple[str, frozenset[str]]] = {
-    "bolid": ("bolid", frozenset({".safetensors", ".bin", ".pt"})),
+    "bolid": ("bolid", frozenset({".safetensors"})),  # pickles are never loaded, so never listed
     "bolid_pose": ("bolid_pose", frozenset({".onnx"})),
     "bolid_body_ids": ("bolid_body_ids", frozenset({".safetensors"})),
 }
@@ -70,8 +71,9 @@ def model_file_path(folder: str, name: str) -> str:
     return path
 
 
+@functools.cache
 def comfy_optimized_attention():
-    """ComfyUI's attention function, or None outside ComfyUI."""
+    """ComfyUI's attention function (resolved once), or None outside ComfyUI."""
     try:
         from comfy.ldm.modules.attention import optimized_attention  # type: ignore[import-not-found]
     except ImportError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -101,6 +102,7 @@ class BoLIDPatchState:
     _kv_cache: dict = field(default_factory=dict, repr=False)
     _mask_cache: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _last_sigma: tuple | None = field(default=None, repr=False)
 
     def active_branches(self) -> list[Branch]:
         return [b for b in ("face", "body") if b in self.embeds and self.weights.get(b, 0.0) != 0.0]
@@ -109,7 +111,13 @@ class BoLIDPatchState:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
             return True
-        sigma = float(sigmas.reshape(-1)[0])
+        # every layer of one step sees the same sigmas tensor: read it (a device sync) once per step, not per layer
+        last = self._last_sigma
+        if last is not None and last[0]() is sigmas:
+            sigma = last[1]
+        else:
+            sigma = float(sigmas.reshape(-1)[0])
+            self._last_sigma = (weakref.ref(sigmas), sigma)
         return self.sigma_end <= sigma <= self.sigma_start
 
     def branch_kv(self, layer: int, branch: Branch, chunks: tuple[int, ...], per_chunk: int,
