@@ -342,6 +342,22 @@ def attribute_accuracy(pred: list[dict[str, str]], truth: list[dict[str, str]]) 
     return np.array([np.mean([p[k] == t[k] for k in ATTRIBUTES]) for p, t in zip(pred, truth, strict=True)])
 
 
+def own_minus_others(keypoints: np.ndarray, identities: list[str],
+                     references: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Per image: body error against its own identity minus the mean error against the other held-out
+    identities. Negative = the generated body is closer to its own identity than to other people (identity-
+    specific); ~0 = no identity information, whatever the absolute error."""
+    from bolid.metrics import body_consistency
+
+    names = sorted(references)
+    errs = np.stack([body_consistency(keypoints, references[n][0], references[n][1]).errors for n in names], 1)
+    own = np.array([names.index(i) for i in identities])
+    mask = np.ones_like(errs, dtype=bool)
+    mask[np.arange(len(own)), own] = False
+    others = np.where(mask, errs, np.nan)
+    return errs[np.arange(len(own)), own] - np.nanmean(others, 1)
+
+
 def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     ok = np.isfinite(a) & np.isfinite(b)
     d = a[ok] - b[ok]
@@ -469,6 +485,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         if base_errors is not None and not label.startswith("real"):
             row["delta_vs_text"], row["delta_vs_text_sem"] = _paired(errs, base_errors)
         row["per_image"]["attributes"] = acc.tolist()
+        gap = own_minus_others(pose.keypoints(images), rows_id, references)
+        row["own_vs_others"], row["own_vs_others_sem"] = float(np.nanmean(gap)), _paired(gap, np.zeros_like(gap))[1]
+        row["per_image"]["own_vs_others"] = gap.tolist()
         rows.append({"condition": label, **row})
     same = np.abs(generated["BoLID, stored Body ID (file, text-only mode)"].astype(int)
                   - generated["BoLID, multi-view Body ID"].astype(int)).max()
@@ -491,8 +510,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
                                  for a in names for b in names if a != b]))
     lap("metrics", t0)
 
-    titles = {"attributes": "caption attrs ↑", "delta_vs_text": "Δ body err vs text", "fid": "FID (pose feats) ↓"}
-    columns = ["body_error", "delta_vs_text", "body_detected", "attributes", "fid"]
+    titles = {"attributes": "caption attrs ↑", "delta_vs_text": "Δ body err vs text", "fid": "FID (pose feats) ↓",
+              "own_vs_others": "own − others ↓"}
+    columns = ["body_error", "delta_vs_text", "own_vs_others", "body_detected", "attributes", "fid"]
     timings["total"] = round(time.time() - t_start, 1)
     extra = {"timings_s": timings, "diagnostics": diagnostics, "stored_vs_multiview_max_pixel_diff": int(same),
              "heldout_identities": names, "images_per_condition": len(captions),
