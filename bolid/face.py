@@ -69,7 +69,11 @@ class FaceAnalyzer:
         folder = Path(folder)
         check_face_model_dir(folder)
         providers = resolve_providers(provider)
-        from insightface.app import FaceAnalysis
+        try:
+            from insightface.app import FaceAnalysis
+        except ImportError as exc:
+            raise FaceModelError("InsightFace is not installed: run `pip install --no-deps insightface` in ComfyUI's "
+                                 "Python (plus exactly one of onnxruntime-gpu / onnxruntime)") from exc
 
         try:
             # a folder path as ``name`` makes InsightFace load it directly (no download path is taken)
