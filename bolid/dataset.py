@@ -28,7 +28,7 @@ from .body_encoder import crop_person, detect_people
 from .errors import BoLIDError
 from .keypoints import PersonPose, flip_index
 from .proportions import aggregate_proportions, body_proportions
-from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+from .safetensors_io import atomic_save_safetensors, atomic_write_text, load_safetensors, read_safetensors_metadata
 
 logger = logging.getLogger("bolid")
 
@@ -211,8 +211,9 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
             if out_path.exists():
                 out_path.unlink()
             # remembered, so an unchanged folder is not run through the pose model again
-            dropped_path.write_text(json.dumps({"fingerprint": fingerprint, "folder": str(Path(subset.root) / name),
-                                                "reason": why, "skipped": report.skipped[first_skip:]}))
+            atomic_write_text(dropped_path, json.dumps({"fingerprint": fingerprint,
+                                                        "folder": str(Path(subset.root) / name), "reason": why,
+                                                        "skipped": report.skipped[first_skip:]}))
         else:
             dropped_path.unlink(missing_ok=True)
             _write_identity_cache(out_path, name, views, captions, fingerprint, report.skipped[first_skip:])
@@ -220,8 +221,8 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
             index.append({"key": key, "identity": name, "file": out_path.name, "views": len(views)})
         if progress:
             progress(n + 1, len(identities))
-    (cache / INDEX_FILE).write_text(json.dumps({"identities": index}, indent=1))
-    (cache / REPORT_FILE).write_text(json.dumps(
+    atomic_write_text(cache / INDEX_FILE, json.dumps({"identities": index}, indent=1))
+    atomic_write_text(cache / REPORT_FILE, json.dumps(
         {"identities": report.identities, "skipped": report.skipped, "dropped_identities": report.dropped_identities,
          "reused": report.reused}, indent=1))
     logger.info("BoLID prepare: %d identities, %d views, %d images skipped, %d identities dropped -> %s",
@@ -366,7 +367,11 @@ def load_identity_caches(cache_dir: str | os.PathLike) -> list[IdentityCache]:
     if not index_path.is_file():
         raise DatasetCacheError(f"{index_path} not found: run the prepare step first "
                                 "(python training/train.py --config <config> --prepare-only)")
-    entries = json.loads(index_path.read_text())["identities"]
+    try:
+        entries = json.loads(index_path.read_text())["identities"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetCacheError(f"{index_path} is damaged ({type(exc).__name__}: {exc}); run prepare again "
+                                "(python training/train.py --config <config> --prepare-only)") from exc
     out = []
     for e in entries:
         path = cache / e["file"]

@@ -38,6 +38,22 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder + rename): readers see the old file or
+    the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def read_safetensors_metadata(path: str | os.PathLike, error_cls: type[BoLIDError] = BoLIDError) -> dict[str, str]:
     """Read only the JSON header of a safetensors file; a truncated or foreign file is a clear error."""
     path = Path(path)

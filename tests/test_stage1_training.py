@@ -31,6 +31,7 @@ from bolid.dataset import (
 from bolid.errors import BoLIDError
 from bolid.keypoints import PersonPose
 from bolid.proportions import body_proportions_np
+from bolid.safetensors_io import atomic_write_text
 from training.stage1 import Stage1Config, list_checkpoints, train_stage1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +232,13 @@ def test_stage1_dataset_is_a_pure_function_of_seed_and_index(prepared):
 
 def test_missing_cache_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetCacheError, match="run the prepare step first"):
+        load_identity_caches(tmp_path)
+
+
+def test_damaged_index_is_a_clear_error_and_writes_are_atomic(tmp_path):
+    atomic_write_text(tmp_path / "index.json", '{"identities": [')  # as a crash mid-write used to leave it
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]  # no temporary file left behind
+    with pytest.raises(DatasetCacheError, match=r"index\.json is damaged.*run prepare again"):
         load_identity_caches(tmp_path)
 
 

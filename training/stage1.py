@@ -29,6 +29,7 @@ from bolid.dataset import (
     stage1_collate,
 )
 from bolid.errors import BoLIDError
+from bolid.safetensors_io import atomic_write_text
 
 logger = logging.getLogger("bolid")
 
@@ -303,7 +304,7 @@ def _save_checkpoint(accelerator: Any, model: Any, config: Stage1Config, step: i
     if accelerator.is_main_process:
         _export(accelerator.unwrap_model(model), path / config.training.export_name, config, step)
         # the state file is written last: a folder without it is an incomplete checkpoint and is never resumed
-        (path / STATE_FILE).write_text(json.dumps({"step": step, "stage": 1}))
+        atomic_write_text(path / STATE_FILE, json.dumps({"step": step, "stage": 1}))
         limit = config.training.checkpoints_total_limit
         if limit > 0:
             for old in list_checkpoints(out)[:-limit]:

@@ -58,6 +58,7 @@ from bolid.diffusers_integration import BoLIDDiffusers
 from bolid.errors import BoLIDError
 from bolid.losses import ID_LOSS_MODES, clip_alignment_loss, keypoint_identity_loss, proportion_identity_loss
 from bolid.proportions import aggregate_proportions, body_proportions
+from bolid.safetensors_io import atomic_write_text
 
 logger = logging.getLogger("bolid")
 
@@ -779,7 +780,7 @@ def _save_checkpoint(accelerator: Any, out: Path, tc: Stage2TrainingConfig, step
     if accelerator.is_main_process:
         export_now(path / tc.export_name, step)
         # written last: a folder without it is incomplete and never resumed
-        (path / STATE_FILE).write_text(json.dumps({"step": step, "stage": 2}))
+        atomic_write_text(path / STATE_FILE, json.dumps({"step": step, "stage": 2}))
         if tc.checkpoints_total_limit > 0:
             for old in list_checkpoints(out)[:-tc.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)

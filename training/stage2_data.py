@@ -23,7 +23,12 @@ from PIL import Image, ImageOps
 
 from bolid.body_encoder import BodyEncoder, encoder_hash
 from bolid.dataset import DatasetCacheError, DatasetConfig, list_identities, load_identity_caches
-from bolid.safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+from bolid.safetensors_io import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    load_safetensors,
+    read_safetensors_metadata,
+)
 from training.stage2_core import Stage2Identity
 
 logger = logging.getLogger("bolid")
@@ -123,7 +128,7 @@ def prepare_stage2_cache(dataset: DatasetConfig, cache_dir: Path, buckets: Bucke
         index.append({"key": key, "file": out_path.name, "views": ident.num_views})
         built += 1
     _cache_text(cache_dir / TEXT_FILE, sorted(captions), encode_text, fingerprint_extra.get("base_model", ""))
-    (cache_dir / INDEX_FILE).write_text(json.dumps({"identities": index}, indent=1))
+    atomic_write_text(cache_dir / INDEX_FILE, json.dumps({"identities": index}, indent=1))
     logger.info("BoLID stage 2 cache: %d identities (%d built, %d reused), %d captions -> %s", len(index), built,
                 reused, len(captions), cache_dir)
     return {"identities": len(index), "built": built, "reused": reused, "captions": len(captions)}
@@ -185,8 +190,13 @@ def load_stage2_cache(cache_dir: str | Path, sdxl: bool
     index_path = cache_dir / INDEX_FILE
     if not index_path.is_file():
         raise DatasetCacheError(f"{index_path} not found: run `train.py --config <stage-2 config> --prepare-only`")
+    try:
+        entries = json.loads(index_path.read_text())["identities"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetCacheError(f"{index_path} is damaged ({type(exc).__name__}: {exc}); run "
+                                "`train.py --config <stage-2 config> --prepare-only` again") from exc
     identities = []
-    for entry in json.loads(index_path.read_text())["identities"]:
+    for entry in entries:
         tensors, meta = load_safetensors(cache_dir / entry["file"], DatasetCacheError)
         if meta.get("bolid_kind") != CACHE_KIND:
             raise DatasetCacheError(f"{cache_dir / entry['file']}: not a stage-2 cache file")
