@@ -201,3 +201,45 @@ def test_fid_with_a_kaiming_inception_from_a_local_file(kaiming_inception_file, 
     assert fid_score(real, real, feature_extractor=extractor) == pytest.approx(0.0, abs=1e-2)
     noise = np.random.default_rng(0).integers(0, 255, size=real.shape, dtype=np.uint8)
     assert fid_score(real, noise, feature_extractor=extractor) > 1.0
+
+
+def test_evaluate_cli_writes_tables_and_plots(tmp_path, monkeypatch):
+    """python -m training.evaluate on a manifest; the pose model is replaced by the renderer's exact keypoints."""
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    import training.evaluate as ev
+
+    table: dict[str, np.ndarray] = {}
+
+    def save(photo, name: str) -> str:
+        Image.fromarray(photo.image).save(tmp_path / name)
+        table[hashlib.sha256(photo.image.tobytes()).hexdigest()] = photo.keypoints
+        return name
+
+    a, b = make_identity(9, 0), make_identity(9, 1)
+    front = {"view": "front view"}
+    refs = [save(render_photo(a, s, attributes=front), f"ref{s}.png") for s in range(3)]
+    same = [save(render_photo(a, s, attributes=front), f"same{s}.png") for s in range(10, 13)]
+    other = [save(render_photo(b, s, attributes=front), f"other{s}.png") for s in range(10, 13)]
+    manifest = {"references": {"a": refs},
+                "conditions": {"same person": [{"image": p, "identity": "a", "caption": "x"} for p in same],
+                               "another person": [{"image": p, "identity": "a", "caption": "x"} for p in other]}}
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+
+    def fake_pose(path: str, provider: str):
+        return lambda images: np.stack([table[hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest()]
+                                        for im in images])
+
+    monkeypatch.setattr(ev, "_yolo_keypoints", fake_pose)
+    assert ev.main(["--manifest", str(tmp_path / "m.json"), "--pose-model", "fake.onnx",
+                    "--out", str(tmp_path / "out")]) == 0
+    rows = {r["condition"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    assert rows["same person"]["body_error"] < 1e-3
+    truth = np.sqrt(np.mean((b.proportion_vector() - a.proportion_vector()) ** 2))
+    assert rows["another person"]["body_error"] == pytest.approx(truth, rel=1e-3)
+    for name in ("results.md", "results.csv", "results_body_error.png"):
+        assert (tmp_path / "out" / name).is_file()
+    assert "| same person |" in (tmp_path / "out" / "results.md").read_text()
