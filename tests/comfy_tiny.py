@@ -58,3 +58,58 @@ def tiny_comfy_sd15(seed: int = 0):
     if missing or unexpected:
         raise RuntimeError(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return patcher, unet.eval().requires_grad_(False)
+
+
+# SDXL's block layout scaled down: no attention at the first level, several transformer layers per attention,
+# a multi-layer middle block, linear proj_in/out. (The text_time "adm" input is left out: it does not touch
+# cross-attention, and the layer mapping is what this model is for.)
+TINY_SDXL_LAYOUT_UNET = {
+    **TINY_SD15_UNET, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 2],
+    "transformer_depth": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": 2,
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "use_linear_in_transformer": True,
+}
+
+
+def tiny_comfy_sdxl_layout(seed: int = 0):
+    """(ModelPatcher, diffusers UNet with identical weights) with SDXL's cross-attention layout."""
+    use_cpu()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+
+    model = comfy.supported_models.SD15(dict(TINY_SDXL_LAYOUT_UNET)).get_model({})
+    _fill(model.diffusion_model, seed)
+    model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        cross_attention_dim=CONTEXT_DIM, attention_head_dim=8, transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    _copy_weights(model, unet)
+    return patcher, unet.eval().requires_grad_(False)
+
+
+def _fill(module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and name.endswith("weight"):  # norm scales (GroupNorm/LayerNorm): around 1
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=gen))
+
+
+def _copy_weights(model, unet) -> None:
+    import comfy.utils
+
+    comfy_sd = model.diffusion_model.state_dict()
+    mapping = comfy.utils.unet_to_diffusers(model.model_config.unet_config)
+    missing, unexpected = unet.load_state_dict({k: comfy_sd[v] for k, v in mapping.items() if v in comfy_sd},
+                                               strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")

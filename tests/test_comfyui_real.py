@@ -53,11 +53,11 @@ def tiny(comfy_nodes):
     return patcher, unet, face, body
 
 
-def _apply(nodes, patcher, face, body, weight_face=0.8, weight_body=1.2, start_at=0.0, end_at=1.0):
-
+def _apply(nodes, patcher, face, body, weight_face=0.8, weight_body=1.2, start_at=0.0, end_at=1.0,
+           adapter_file="tiny.safetensors"):
     loader = nodes.NODE_CLASS_MAPPINGS["BoLIDLoadAdapter"]()
-    assert "tiny.safetensors" in loader.INPUT_TYPES()["required"]["adapter_name"][0]
-    (loaded,) = loader.load("tiny.safetensors")
+    assert adapter_file in loader.INPUT_TYPES()["required"]["adapter_name"][0]
+    (loaded,) = loader.load(adapter_file)
     module = type(loaded).__module__.rsplit(".", 2)[0]
     identity = __import__(f"{module}.bolid.identity", fromlist=["BodyID"])
     apply = nodes.NODE_CLASS_MAPPINGS["BoLIDApplyAdapter"]()
@@ -98,6 +98,34 @@ def test_comfy_unet_with_patch_equals_diffusers(comfy_nodes, tiny, layout):
         plain = patcher.model.diffusion_model(x, timesteps=t, context=ctx, transformer_options={})
     controller.detach()
     assert (ours - expected).abs().max().item() <= 1e-5
+    assert (ours - plain).abs().max().item() > 1e-3
+
+
+def test_sdxl_layout_layers_map_like_diffusers(comfy_nodes):
+    """SDXL's layout (several transformer layers per block, multi-layer middle) through ComfyUI's real UNet."""
+    import comfy_tiny
+
+    patcher, unet = comfy_tiny.tiny_comfy_sdxl_layout()
+    config = adapter_config_for_unet(unet, body_dim=BODY_DIM, face_tokens=2, body_tokens=3)
+    save_adapter(randomize_(init_adapter_from_unet(unet, config), std=0.15, seed=12),
+                 comfy_nodes.bolid_extra_folder / "tiny_sdxl.safetensors")
+    torch.manual_seed(4)
+    face, body = torch.nn.functional.normalize(torch.randn(1, 512), dim=-1), torch.randn(1, BODY_DIM)
+    patched = _apply(comfy_nodes, patcher, face, body, adapter_file="tiny_sdxl.safetensors")
+    keys = sorted(patched.model_options["transformer_options"]["patches_replace"]["attn2"])
+    assert len(keys) == 17 and ("middle", 0, 1) in keys and ("output", 2, 1) in keys
+    layout = [1, 0]
+    x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 7, CONTEXT_DIM), torch.full((2,), 300.0)
+    options = dict(patched.model_options["transformer_options"], cond_or_uncond=layout,
+                   sigmas=torch.full((2,), 2.0))
+    controller = BoLIDDiffusers.attach(unet, init_adapter_copy(patched), 0.8, 1.2)
+    controller.set_identity(*_rows(layout, 1, face, body))
+    with torch.no_grad():
+        ours = patched.model.diffusion_model(x, timesteps=t, context=ctx, transformer_options=options)
+        expected = unet(x, t, encoder_hidden_states=ctx).sample
+        plain = patcher.model.diffusion_model(x, timesteps=t, context=ctx, transformer_options={})
+    controller.detach()
+    assert (ours - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
     assert (ours - plain).abs().max().item() > 1e-3
 
 
