@@ -152,7 +152,8 @@ def list_identities(config: DatasetConfig) -> list[tuple[str, str, SubsetConfig,
     return out
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """A photo as uint8 RGB [H, W, 3], EXIF orientation applied."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -278,7 +279,7 @@ def _prepare_identity(config: DatasetConfig, pose_runner: Any, images: list[Path
 
     for path in images:
         try:
-            img = _read_rgb(path)
+            img = read_rgb(path)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             report.skip(path, f"unreadable ({type(exc).__name__}: {exc})")
             continue

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +27,19 @@ from bolid.dataset import (
     stage1_collate,
 )
 from bolid.errors import BoLIDError
-from bolid.safetensors_io import atomic_write_text
+from training.common import (  # noqa: F401 (re-exported)
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    config_table,
+    learning_rate_at,
+    list_checkpoints,
+    noise_generator,
+    resolve_resume,
+    resumed_step,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("bolid")
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "bolid_state.json"
-
 
 class TrainingConfigError(BoLIDError):
     """The training config is invalid."""
@@ -77,17 +81,6 @@ class Stage1TrainingConfig:
                 raise TrainingConfigError(f"[training] {name} must be >= 1")
 
 
-def _table(cls: type, raw: dict[str, Any], name: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise TrainingConfigError(f"[{name}] has unknown keys {unknown}; known keys: {sorted(known)}")
-    try:
-        return cls(**raw)
-    except (TypeError, ValueError) as exc:
-        raise TrainingConfigError(f"[{name}]: {exc}") from exc
-
-
 @dataclass(frozen=True)
 class Stage1Config:
     """A whole stage-1 config: output_dir, seed, [model], [dataset], [prepare], [training]."""
@@ -115,43 +108,11 @@ class Stage1Config:
         if "pose_model" in prepare:
             prepare["pose_model"] = str((base / prepare["pose_model"]).resolve())
         return cls(output_dir=(base / raw["output_dir"]).resolve(), seed=int(raw.get("seed", 0)),
-                   model=_table(BodyEncoderConfig, dict(raw.get("model", {})), "model"),
+                   model=config_table(BodyEncoderConfig, dict(raw.get("model", {})), "model", TrainingConfigError),
                    dataset=dataset_config_from_dict(raw["dataset"], base),
-                   training=_table(Stage1TrainingConfig, dict(raw.get("training", {})), "training"),
+                   training=config_table(Stage1TrainingConfig, dict(raw.get("training", {})), "training",
+                                         TrainingConfigError),
                    prepare=prepare)
-
-
-def learning_rate_at(step: int, cfg: Stage1TrainingConfig) -> float:
-    """LR for optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to 10%."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.learning_rate
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders with a completed state file, oldest first."""
-    dirs = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
-    return sorted(dirs, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """``latest`` -> newest complete checkpoint in output_dir (None if there is none); a path -> that folder."""
-    if not resume:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        if not ckpts:
-            logger.warning("BoLID stage 1: --resume latest: no checkpoint in %s, starting from scratch", output_dir)
-            return None
-        return ckpts[-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise TrainingConfigError(f"--resume {resume}: not a BoLID checkpoint folder (no {STATE_FILE})")
-    return path
 
 
 def _make_pose_runner(prepare: dict[str, Any]) -> Any:
@@ -180,12 +141,6 @@ def prepare_stage1(config: Stage1Config, pose_runner: Any = None) -> None:
                                     "to make one: set [prepare] pose_model to a YOLO pose .onnx file")
         return
     prepare_dataset(config.dataset, pose_runner, crop_margin=config.model.crop_margin)
-
-
-def _noise_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2 ** 63))
-    return g
 
 
 def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: Any = None,
@@ -222,10 +177,10 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     step = 0
-    ckpt = resolve_resume(out, resume)
+    ckpt = resolve_resume(out, resume, TrainingConfigError, "BoLID stage 1")
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+        accelerator.load_state(str(ckpt))  # accelerate's files are pickles: resume only your own checkpoints
+        step = resumed_step(ckpt)
         logger.info("BoLID stage 1: resumed from %s at step %d", ckpt, step)
     if tc.report_to != "none":
         hparams = {**{f"model/{k}": v for k, v in config.model.architecture().items()},
@@ -246,7 +201,7 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
         if step >= tc.max_steps:
             break
         kl_weight = tc.kl_weight * (min(1.0, (step + 1) / tc.kl_warmup_steps) if tc.kl_warmup_steps > 0 else 1.0)
-        gen = _noise_generator(config.seed, step, micro, accelerator.process_index, accelerator.device)
+        gen = noise_generator(config.seed, step, micro, accelerator.process_index, accelerator.device)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 losses = model(  # through the wrapper, so DDP syncs gradients on several GPUs
@@ -275,7 +230,10 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
         if tc.report_to != "none" and (step % tc.log_every == 0 or step == 1):
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
         if step % tc.checkpointing_steps == 0 or step == tc.max_steps:
-            _save_checkpoint(accelerator, model, config, step)
+            save_checkpoint(accelerator, out, step, 1,
+                            lambda folder, at=step: _export(accelerator.unwrap_model(model),
+                                                            folder / tc.export_name, config, at),
+                            tc.checkpoints_total_limit, "BoLID stage 1")
         if on_step is not None and accelerator.is_main_process:
             on_step(step, logs)
     progress.close()
@@ -293,24 +251,6 @@ def _export(model: BodyEncoder, path: Path, config: Stage1Config, step: int) -> 
     training = {"stage": 1, "step": step, "seed": config.seed, "training": asdict(config.training),
                 "dataset": config_summary(config.dataset)}
     return save_body_encoder(model, path, {"bolid_training": json.dumps(training, sort_keys=True, default=str)})
-
-
-def _save_checkpoint(accelerator: Any, model: Any, config: Stage1Config, step: int) -> None:
-    """accelerate state (model, optimizer, RNG) + our step counter + an exported encoder; keep the newest N."""
-    out = config.output_dir
-    path = out / f"{CHECKPOINT_PREFIX}{step:08d}"
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        _export(accelerator.unwrap_model(model), path / config.training.export_name, config, step)
-        # the state file is written last: a folder without it is an incomplete checkpoint and is never resumed
-        atomic_write_text(path / STATE_FILE, json.dumps({"step": step, "stage": 1}))
-        limit = config.training.checkpoints_total_limit
-        if limit > 0:
-            for old in list_checkpoints(out)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
-                logger.info("BoLID stage 1: removed old checkpoint %s", old)
-    accelerator.wait_for_everyone()
 
 
 def run(raw_config: dict[str, Any], config_dir: Path, resume: str | None = None, prepare_only: bool = False

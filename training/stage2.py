@@ -9,7 +9,7 @@ method lives (and what experiments call directly).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from bolid.body_encoder import load_body_encoder
 from bolid.dataset import DatasetConfig, dataset_config_from_dict
 from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
 from bolid.errors import BoLIDError
+from training.common import config_table
 from training.models import BaseModelError, OpenClipFunctions, YoloPoseNet, load_base_model, make_encode_text
 from training.stage2_core import (
     LossConfig,
@@ -67,14 +68,7 @@ class AdapterSettings:
 
 
 def _table(cls: type, raw: dict[str, Any], name: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise Stage2ConfigError(f"[{name}] has unknown keys {unknown}; known keys: {sorted(known)}")
-    try:
-        return cls(**raw)
-    except (TypeError, ValueError) as exc:
-        raise Stage2ConfigError(f"[{name}]: {exc}") from exc
+    return config_table(cls, raw, name, Stage2ConfigError)
 
 
 PATH_KEYS = ("pretrained", "body_encoder", "config_dir", "unet_weights", "face_model", "pose_model", "clip_weights")

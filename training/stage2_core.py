@@ -38,8 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,12 +56,19 @@ from bolid.diffusers_integration import BoLIDDiffusers
 from bolid.errors import BoLIDError
 from bolid.losses import ID_LOSS_MODES, clip_alignment_loss, keypoint_identity_loss, proportion_identity_loss
 from bolid.proportions import aggregate_proportions, body_proportions
-from bolid.safetensors_io import atomic_write_text
+from training.common import (  # noqa: F401 (CHECKPOINT_PREFIX, STATE_FILE, list_checkpoints are re-exported)
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    learning_rate_at,
+    list_checkpoints,
+    noise_generator,
+    resolve_resume,
+    resumed_step,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("bolid")
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "bolid_state.json"
 FACE_SOURCES = ("other", "same", "mean_others")
 
 EncodeText = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
@@ -545,18 +550,6 @@ class Stage2TrainingConfig:
             raise Stage2Error("[training] ema_decay must be in [0, 1)")
 
 
-def learning_rate_at(step: int, cfg: Stage2TrainingConfig) -> float:
-    """LR of optimizer step ``step`` (0-based): linear warm-up, then constant, linear to 0 or cosine to 10%."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.learning_rate
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    if cfg.lr_schedule == "linear":
-        return cfg.learning_rate * (1.0 - progress)
-    return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 class AdapterEMA:
     """Exponential moving average of the adapter's weights (checkpointed with accelerate)."""
 
@@ -578,33 +571,6 @@ class AdapterEMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = float(state["decay"])
         self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders with a completed state file, oldest first."""
-    dirs = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
-    return sorted(dirs, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(output_dir: Path | None, resume: str | None) -> Path | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(output_dir) if output_dir is not None else []
-        if not ckpts:
-            logger.warning("BoLID stage 2: --resume latest: no checkpoint in %s, starting from scratch", output_dir)
-            return None
-        return ckpts[-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise Stage2Error(f"--resume {resume}: not a BoLID checkpoint folder (no {STATE_FILE})")
-    return path
-
-
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863 + 17) % (2 ** 63))
-    return g
 
 
 def training_metadata(components: Stage2Components, data: Stage2Data, tc: Stage2TrainingConfig, lc: LossConfig,
@@ -682,10 +648,10 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
         accelerator.register_for_checkpointing(ema)
 
     step = 0
-    ckpt = resolve_resume(out, resume)
+    ckpt = resolve_resume(out, resume, Stage2Error, "BoLID stage 2")
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+        accelerator.load_state(str(ckpt))  # accelerate's files are pickles: resume only your own checkpoints
+        step = resumed_step(ckpt)
         logger.info("BoLID stage 2: resumed from %s at step %d", ckpt, step)
     if report != "none":
         hparams = {**{f"training/{k}": v for k, v in asdict(tc).items()},
@@ -719,7 +685,7 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
         for micro in range(accum):
             index = (step * accum + micro) * nproc + rank
             batch = data.batch(index, tc.batch_size)
-            gen = step_generator(seed, step, micro, rank, torch.device("cpu"))
+            gen = noise_generator(seed, step, micro, rank, torch.device("cpu"), offset=17)
             shape = batch["sample"].shape
             noise = torch.randn(shape, generator=gen).to(device)
             timesteps = torch.randint(0, num_t, (shape[0],), generator=gen).to(device)
@@ -750,7 +716,8 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
                 and accelerator.is_main_process:
             _log_validation(raw_model, data, tc, out, step, accelerator if report != "none" else None, seed)
         if out is not None and (step % tc.checkpointing_steps == 0 or step == tc.max_steps):
-            _save_checkpoint(accelerator, out, tc, step, export_now)
+            save_checkpoint(accelerator, out, step, 2, lambda folder, at=step: export_now(folder / tc.export_name, at),
+                            tc.checkpoints_total_limit, "BoLID stage 2")
         if on_step is not None and accelerator.is_main_process:
             on_step(step, logs)
     progress.close()
@@ -769,23 +736,6 @@ def _copy_adapter(adapter: BoLIDAdapter) -> BoLIDAdapter:
     copy = BoLIDAdapter(adapter.config)
     copy.load_state_dict(adapter.state_dict())
     return copy
-
-
-def _save_checkpoint(accelerator: Any, out: Path, tc: Stage2TrainingConfig, step: int,
-                     export_now: Callable[[Path, int], list[Path]]) -> None:
-    """accelerate state (adapter, optimizer, EMA, RNG) + step counter + an export; keep the newest N."""
-    path = out / f"{CHECKPOINT_PREFIX}{step:08d}"
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        export_now(path / tc.export_name, step)
-        # written last: a folder without it is incomplete and never resumed
-        atomic_write_text(path / STATE_FILE, json.dumps({"step": step, "stage": 2}))
-        if tc.checkpoints_total_limit > 0:
-            for old in list_checkpoints(out)[:-tc.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-                logger.info("BoLID stage 2: removed old checkpoint %s", old)
-    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------- validation

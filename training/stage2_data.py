@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from bolid.body_encoder import BodyEncoder, encoder_hash
-from bolid.dataset import DatasetCacheError, DatasetConfig, list_identities, load_identity_caches
+from bolid.dataset import DatasetCacheError, DatasetConfig, list_identities, load_identity_caches, read_rgb
 from bolid.safetensors_io import (
     atomic_save_safetensors,
     atomic_write_text,
@@ -76,13 +76,6 @@ def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> tuple[np.nda
     resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS))
     top, left = (nh - bh) // 2, (nw - bw) // 2
     return resized[top:top + bh, left:left + bw], scale, (top, left)
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise DatasetCacheError(f"photo {path} (listed in the stage-1 cache) is missing; run the prepare step again")
-    with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
 
 
 @torch.no_grad()
@@ -146,7 +139,11 @@ def _build_identity(folder: Path, files: list[str], tensors1: dict[str, torch.Te
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     for k, name in enumerate(files):
-        image = _read_rgb(folder / name)
+        photo = folder / name
+        if not photo.is_file():
+            raise DatasetCacheError(f"photo {photo} (listed in the stage-1 cache) is missing; run the prepare step "
+                                    "again")
+        image = read_rgb(photo)
         h, w = image.shape[:2]
         bucket = buckets.nearest(h, w)
         crop, scale, (top, left) = resize_to_bucket(image, bucket)
