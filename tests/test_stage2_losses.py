@@ -16,7 +16,14 @@ from bolid.losses import (
     proportion_identity_loss,
 )
 from bolid.proportions import body_proportions
-from training.stage2_core import LossConfig, SamplingConfig, Stage2Data, Stage2Model, predicted_x0
+from training.stage2_core import (
+    LossConfig,
+    SamplingConfig,
+    Stage2Data,
+    Stage2Model,
+    _cast_frozen,
+    predicted_x0,
+)
 
 # ----------------------------------------------------------------------------------------------- pure maths
 
@@ -171,6 +178,32 @@ def test_zero_weight_auxiliary_losses_are_not_computed():
     model(batch, torch.randn(batch["sample"].shape), torch.tensor([10, 500, 999]))
     model.detach_unet()
     assert len(decodes) == 1 and comp.pose_net.calls == 1 and clip.image_calls == 1
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_mixed_precision_keeps_a_force_upcast_vae_in_float32(force_upcast):
+    comp = T.components("sd15", pose=False, clip=False)
+    comp.vae.register_to_config(force_upcast=force_upcast)
+    _cast_frozen(comp, torch.device("cpu"), torch.bfloat16)
+    assert next(comp.unet.parameters()).dtype == torch.bfloat16
+    vae_dtype = torch.float32 if force_upcast else torch.bfloat16
+    assert next(comp.vae.parameters()).dtype == vae_dtype
+    decoded = []
+    original = comp.vae.decode
+
+    def decode(z, **kwargs):
+        out = original(z, **kwargs)
+        decoded.append((z.dtype, out.sample.dtype))
+        return out
+
+    comp.vae.decode = decode
+    model = Stage2Model(T.adapter_for(comp), comp, LossConfig())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image = model.images_from_x0(torch.randn(1, 4, 8, 8))
+    model.detach_unet()
+    # a float32 VAE decodes outside autocast (input and output float32), a cast one in its own dtype
+    assert decoded == [(vae_dtype, vae_dtype)]
+    assert image.dtype == torch.float32 and torch.isfinite(image).all()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -425,7 +425,11 @@ class Stage2Model(nn.Module):
         z = z.to(dtype)
 
         def decode(latents: torch.Tensor) -> torch.Tensor:
-            return vae.decode(latents).sample
+            if dtype != torch.float32:
+                return vae.decode(latents).sample
+            # a float32 VAE (force_upcast) decodes in float32 under fp16/bf16 autocast too
+            with torch.autocast(device_type=latents.device.type, enabled=False):
+                return vae.decode(latents).sample
 
         if self.loss_config.vae_checkpointing and torch.is_grad_enabled():
             image = checkpoint(decode, z, use_reentrant=False)
@@ -521,7 +525,7 @@ class Stage2TrainingConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 500
     lr_schedule: str = "cosine"  # "cosine" | "constant" | "linear" (after the linear warm-up)
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16": autocast; frozen models are cast to this dtype
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16": autocast; frozen UNet/VAE cast to it (not a force_upcast VAE)
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0 = off; e.g. 0.999 (the export then holds the EMA weights)
@@ -599,10 +603,17 @@ def export_adapter(adapter: BoLIDAdapter, path: Path, metadata: dict[str, str], 
     return written
 
 
+def _vae_needs_fp32(vae: Any) -> bool:
+    """A VAE whose config sets force_upcast (SDXL's) overflows in fp16: it stays in float32."""
+    return vae is not None and bool(getattr(getattr(vae, "config", None), "force_upcast", False))
+
+
 def _cast_frozen(components: Stage2Components, device: torch.device, dtype: torch.dtype) -> None:
+    keep_vae_fp32 = _vae_needs_fp32(components.vae)
     for obj in (components.unet, components.vae, components.pose_net, components.clip_image, components.clip_text):
         for module in _modules_of(obj):
-            if dtype != torch.float32 and (module is components.unet or module is components.vae):
+            if dtype != torch.float32 and (module is components.unet
+                                           or (module is components.vae and not keep_vae_fp32)):
                 module.to(device=device, dtype=dtype)
             else:
                 module.to(device)
