@@ -12,6 +12,9 @@ from .config import AdapterConfig
 from .errors import AdapterFileError
 from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
 
+# metadata key: hash of the Body-ID encoder whose c_body the adapter was trained on (Apply refuses others)
+BODY_ENCODER_HASH_KEY = "bolid_body_encoder_hash"
+
 
 def save_adapter(adapter: BoLIDAdapter, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
     """Write the adapter and its config (plus e.g. training metadata) atomically."""

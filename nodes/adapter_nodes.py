@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from ..bolid.adapter import BoLIDAdapter, Branch
-from ..bolid.adapter_io import load_adapter
+from ..bolid.adapter_io import BODY_ENCODER_HASH_KEY, load_adapter
 from ..bolid.errors import EmbeddingError
 from ..bolid.identity import BodyID, FaceEmbeds
+from ..bolid.safetensors_io import read_safetensors_metadata
 from .comfy_env import model_file_list, model_file_path
 from .comfy_patch import BoLIDAttn2Patch, BoLIDPatchState, check_adapter_fits, enumerate_cross_attention_layers
 
@@ -26,6 +27,7 @@ class LoadedAdapter:
     adapter: BoLIDAdapter
     name: str
     patcher: Any = None
+    body_encoder_hash: str = ""  # the Body-ID encoder the adapter was trained with, when the file records it
 
 
 def wrap_for_memory_manager(adapter: BoLIDAdapter) -> Any:
@@ -62,12 +64,13 @@ class LoadBoLIDAdapter:
     def load(self, adapter_name: str) -> tuple[LoadedAdapter]:
         path = model_file_path("bolid", adapter_name)
         adapter = load_adapter(path, dtype=_comfy_unet_dtype())
+        encoder_hash = read_safetensors_metadata(path).get(BODY_ENCODER_HASH_KEY, "")
         logger.info("BoLID: loaded adapter %s (%s)", adapter_name, adapter.config.describe())
-        return (LoadedAdapter(adapter, adapter_name, wrap_for_memory_manager(adapter)),)
+        return (LoadedAdapter(adapter, adapter_name, wrap_for_memory_manager(adapter), encoder_hash),)
 
 
-def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None,
-                     face_embeds: FaceEmbeds | None) -> dict[Branch, torch.Tensor]:
+def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None, face_embeds: FaceEmbeds | None,
+                     trained_hash: str = "") -> dict[Branch, torch.Tensor]:
     config = adapter.config
     embeds: dict[Branch, torch.Tensor] = {}
     if face_embeds is not None:
@@ -80,6 +83,9 @@ def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None,
             raise EmbeddingError(f"body identity has {body_id.dim} dims, the adapter expects {config.body_dim}: "
                                  "encode it with the Body-ID encoder this adapter was trained with")
         embeds["body"] = body_id.c_body.reshape(1, -1)
+        if trained_hash and body_id.encoder_hash and body_id.encoder_hash != trained_hash:
+            raise EmbeddingError(f"body identity comes from Body-ID encoder {body_id.encoder_hash}, the adapter was "
+                                 f"trained with encoder {trained_hash}: encode the body with that encoder")
     if not embeds:
         raise EmbeddingError("Apply BoLID Adapter needs a body_id and/or face_embeds input; neither is connected")
     # An unconnected identity is the zero embedding: exactly what the adapter saw in training for a missing or
@@ -124,7 +130,7 @@ class ApplyBoLIDAdapter:
         adapter = bolid_adapter.adapter
         layers = enumerate_cross_attention_layers(model.get_model_object("diffusion_model"))
         ordered = check_adapter_fits(adapter.config, layers)
-        embeds = _identity_embeds(adapter, body_id, face_embeds)
+        embeds = _identity_embeds(adapter, body_id, face_embeds, bolid_adapter.body_encoder_hash)
         sampling = model.get_model_object("model_sampling")
         mask = None
         if attn_mask is not None:

@@ -174,6 +174,12 @@ def test_apply_errors_name_the_problem(pack, folders):
         nodes.ApplyBoLIDAdapter().apply(model, sd15, 1.0, 1.0, 0.0, 1.0)
     with pytest.raises(errors.EmbeddingError, match="body identity has 16 dims, the adapter expects 32"):
         nodes.ApplyBoLIDAdapter().apply(model, sd15, 1.0, 1.0, 0.0, 1.0, body_id=_identity(pack, 16)[0])
+    hashed = nodes.LoadedAdapter(sd15.adapter, "sd15", body_encoder_hash="enc-a")
+    other = pack.bolid.identity.BodyID(torch.randn(32), encoder_hash="enc-b")
+    with pytest.raises(errors.EmbeddingError, match="encoder enc-b, the adapter was trained with encoder enc-a"):
+        nodes.ApplyBoLIDAdapter().apply(model, hashed, 1.0, 1.0, 0.0, 1.0, body_id=other)
+    same = pack.bolid.identity.BodyID(torch.randn(32), encoder_hash="enc-a")
+    nodes.ApplyBoLIDAdapter().apply(model, hashed, 1.0, 1.0, 0.0, 1.0, body_id=same)
     with pytest.raises(ValueError, match="start_at"):
         nodes.ApplyBoLIDAdapter().apply(model, sd15, 1.0, 1.0, 0.8, 0.2, body_id=body)
     with pytest.raises(errors.EmbeddingError, match="NaN"):
