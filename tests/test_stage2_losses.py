@@ -22,6 +22,7 @@ from training.stage2_core import (
     Stage2Data,
     Stage2Model,
     _cast_frozen,
+    freeze_unused_branches,
     predicted_x0,
 )
 
@@ -178,6 +179,23 @@ def test_zero_weight_auxiliary_losses_are_not_computed():
     model(batch, torch.randn(batch["sample"].shape), torch.tensor([10, 500, 999]))
     model.detach_unet()
     assert len(decodes) == 1 and comp.pose_net.calls == 1 and clip.image_calls == 1
+
+
+def test_zero_weight_branch_is_frozen_so_every_trainable_parameter_gets_a_gradient():
+    # DDP refuses trainable parameters without a gradient; a branch with weight 0 is skipped in the UNet
+    comp = T.components("sd15", pose=False, clip=False)
+    adapter = T.adapter_for(comp).requires_grad_(True)
+    lc = LossConfig(weight_body=0.0)
+    assert freeze_unused_branches(adapter, lc) == ["body"]
+    model = Stage2Model(adapter, comp, lc)
+    data = Stage2Data(T.identities(), SamplingConfig(drop_text=0, drop_face=0, drop_body=0, drop_all=0), comp)
+    batch = _batch(data)
+    model(batch, torch.randn(batch["sample"].shape), torch.tensor([5, 150, 390]))["loss"].backward()
+    model.detach_unet()
+    trainable = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable)
+    assert not any(p.requires_grad for n, p in adapter.named_parameters() if "body" in n)
+    assert all(p.requires_grad for n, p in adapter.named_parameters() if "face" in n)
 
 
 @pytest.mark.parametrize("force_upcast", [True, False])

@@ -619,6 +619,23 @@ def _cast_frozen(components: Stage2Components, device: torch.device, dtype: torc
                 module.to(device)
 
 
+def freeze_unused_branches(adapter: BoLIDAdapter, lc: LossConfig) -> list[str]:
+    """Freeze the parameters of a branch whose weight (``weight_face`` / ``weight_body``) is 0.
+
+    Such a branch is skipped in the UNet, so its parameters get no gradient, which DDP (several GPUs) refuses;
+    frozen, they are simply not trained (they keep their initial values in the export). Returns the frozen branches.
+    """
+    frozen = [b for b, w in (("face", lc.weight_face), ("body", lc.weight_body)) if w == 0]
+    for branch in frozen:
+        adapter.projection(branch).requires_grad_(False)
+        for index in range(len(adapter.layers)):
+            for proj in adapter.layer(index).projections(branch):
+                proj.requires_grad_(False)
+    if frozen:
+        logger.warning("BoLID stage 2: branch weight 0: the %s branch is frozen (not trained)", " and ".join(frozen))
+    return frozen
+
+
 def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data: Stage2Data,
                       tc: Stage2TrainingConfig, lc: LossConfig | None = None, output_dir: Path | None = None,
                       resume: str | None = None, seed: int = 0, metadata: dict[str, Any] | None = None,
@@ -651,6 +668,7 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
         components.unet.enable_gradient_checkpointing()
     adapter.to(device=device, dtype=torch.float32).train()
     adapter.requires_grad_(True)
+    freeze_unused_branches(adapter, lc)
     model = Stage2Model(adapter, components, lc)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
