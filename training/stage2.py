@@ -136,16 +136,23 @@ def build(config: Stage2Config, device: torch.device | str = "cpu", prepare: boo
     m = config.model
     base = load_base_model(m.pretrained, m.config_dir or None, m.unet_weights or None, m.family,
                            m.prediction_type or None)
-    for module in [base.vae, *base.text_encoders]:
-        module.to(device)
-    encode_text = make_encode_text(base, device)
+    base.vae.to(device)
     encoder = load_body_encoder(m.body_encoder, device) if Path(m.body_encoder).is_file() else None
     if encoder is None:
         raise BaseModelError(f"Body-ID encoder not found: {m.body_encoder} (train it with stage 1)")
     if prepare:
+        # the text encoders only build the cache: it holds every caption's embedding (and the empty caption's,
+        # which validation and text dropout use), so training never encodes text; they go back to the CPU after
+        for module in base.text_encoders:
+            module.to(device)
         face_fn, face_name = _face_embedder(m)
-        prepare_stage2_cache(config.dataset, config.cache_dir, config.buckets, base.vae, encode_text, encoder,
-                             face_fn, {"base_model": base.source, "face": face_name}, device)
+        prepare_stage2_cache(config.dataset, config.cache_dir, config.buckets, base.vae,
+                             make_encode_text(base, device), encoder, face_fn,
+                             {"base_model": base.source, "face": face_name}, device)
+        for module in base.text_encoders:
+            module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     identities, text_cache = load_stage2_cache(config.cache_dir, base.family == "sdxl")
     pose_net = clip = None
     if config.loss.id_weight > 0:
@@ -157,7 +164,7 @@ def build(config: Stage2Config, device: torch.device | str = "cpu", prepare: boo
             raise Stage2ConfigError("[loss] clip_weight > 0 needs [model] clip_model and clip_weights (local file)")
         clip = OpenClipFunctions.from_file(m.clip_model, m.clip_weights)
     components = Stage2Components(unet=base.unet, noise_scheduler=base.noise_scheduler, vae=base.vae,
-                                  encode_text=encode_text, pose_net=pose_net,
+                                  encode_text=None, pose_net=pose_net,
                                   clip_image=clip.image if clip else None, clip_text=clip.text if clip else None,
                                   base_model=f"{base.family}:{base.source}")
     data = Stage2Data(identities, config.sampling, components, text_cache=text_cache)
