@@ -217,7 +217,8 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
                                                         "skipped": report.skipped[first_skip:]}))
         else:
             dropped_path.unlink(missing_ok=True)
-            _write_identity_cache(out_path, name, views, captions, fingerprint, report.skipped[first_skip:])
+            _write_identity_cache(out_path, name, views, captions, fingerprint, report.skipped[first_skip:],
+                                  crop_margin)
             report.identities[key] = len(views)
             index.append({"key": key, "identity": name, "file": out_path.name, "views": len(views)})
         if progress:
@@ -315,7 +316,7 @@ def _select_view(path: Path, img: np.ndarray, people: list[PersonPose], config: 
 
 
 def _write_identity_cache(path: Path, identity: str, views: list[dict[str, Any]], captions: list[Path],
-                          fingerprint: str, skipped: list[tuple[str, str]]) -> None:
+                          fingerprint: str, skipped: list[tuple[str, str]], crop_margin: float) -> None:
     caption_by_name = {c.with_suffix("").name: c for c in captions}
     texts = []
     for v in views:
@@ -336,7 +337,7 @@ def _write_identity_cache(path: Path, identity: str, views: list[dict[str, Any]]
     metadata = {"bolid_kind": CACHE_KIND, "bolid_format_version": str(CACHE_FORMAT_VERSION), "identity": identity,
                 "files": json.dumps([v["name"] for v in views]), "captions": json.dumps(texts),
                 "sizes": json.dumps([list(v["size"]) for v in views]), "fingerprint": fingerprint,
-                "num_views": str(len(views)), "skipped": json.dumps(skipped)}
+                "num_views": str(len(views)), "skipped": json.dumps(skipped), "crop_margin": repr(float(crop_margin))}
     atomic_save_safetensors(tensors, path, metadata)
 
 

@@ -31,7 +31,7 @@ from bolid.dataset import (
 from bolid.errors import BoLIDError
 from bolid.keypoints import PersonPose
 from bolid.proportions import body_proportions_np
-from bolid.safetensors_io import atomic_write_text
+from bolid.safetensors_io import atomic_write_text, read_safetensors_metadata
 from training.stage1 import Stage1Config, list_checkpoints, train_stage1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +198,7 @@ def test_prepare_cache_holds_crops_keypoints_captions_and_is_reused(prepared, ca
     c = next(c for c in caches if c.identity == "person_3")
     assert c.files == [f"{j:02d}.png" for j in range(6)]
     assert c.captions[2] == "a photo of person_3, view 2"
+    assert read_safetensors_metadata(c.path)["crop_margin"] == "1.15"  # stage 2 checks it against its encoder
     assert c.keypoints.shape == (6, 17, 3) and c.keypoints[..., :2].min() >= 0 and c.keypoints[..., :2].max() <= 1
     # crop units keep the proportions of the drawn body (a square crop scales x and y alike)
     body = prepared["bodies"]["person_3"]

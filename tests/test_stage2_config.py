@@ -148,3 +148,16 @@ def test_sdxl_folder_and_unet_weights(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(swapped.unet.state_dict().values(), other.state_dict().values(),
                                                   strict=True))
     assert "lightning_unet" in swapped.source
+
+
+def test_stage1_crop_margin_must_match_the_body_encoder(tmp_path):
+    from types import SimpleNamespace
+
+    from bolid.dataset import DatasetCacheError
+    from training.stage2_data import _check_crop_margin
+
+    encoder = SimpleNamespace(config=SimpleNamespace(crop_margin=1.15))
+    _check_crop_margin(tmp_path / "a.safetensors", {"crop_margin": "1.15"}, encoder)
+    _check_crop_margin(tmp_path / "a.safetensors", {}, encoder)  # written before the margin was recorded
+    with pytest.raises(DatasetCacheError, match=r"a\.safetensors was cropped with crop_margin 1\.3.*uses 1\.15"):
+        _check_crop_margin(tmp_path / "a.safetensors", {"crop_margin": "1.3"}, encoder)

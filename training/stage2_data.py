@@ -96,6 +96,7 @@ def prepare_stage2_cache(dataset: DatasetConfig, cache_dir: Path, buckets: Bucke
     for ident in stage1:
         key = ident.path.stem
         meta1 = read_safetensors_metadata(ident.path, DatasetCacheError)
+        _check_crop_margin(ident.path, meta1, body_encoder)
         fingerprint = hashlib.sha256(json.dumps({**settings, "stage1": meta1.get("fingerprint", "")},
                                                 sort_keys=True).encode()).hexdigest()
         out_path = cache_dir / f"{key}.safetensors"
@@ -125,6 +126,18 @@ def prepare_stage2_cache(dataset: DatasetConfig, cache_dir: Path, buckets: Bucke
     logger.info("BoLID stage 2 cache: %d identities (%d built, %d reused), %d captions -> %s", len(index), built,
                 reused, len(captions), cache_dir)
     return {"identities": len(index), "built": built, "reused": reused, "captions": len(captions)}
+
+
+def _check_crop_margin(path: Path, meta: dict[str, str], body_encoder: BodyEncoder) -> None:
+    """The stage-1 crops must be cut with the Body-ID encoder's crop_margin (caches written before the margin was
+    recorded are not checked)."""
+    if "crop_margin" not in meta:
+        return
+    cached, expected = float(meta["crop_margin"]), float(body_encoder.config.crop_margin)
+    if not math.isclose(cached, expected, rel_tol=0, abs_tol=1e-9):
+        raise DatasetCacheError(f"stage-1 cache {path} was cropped with crop_margin {cached}, but the Body-ID encoder "
+                                f"uses {expected}: run the stage-1 prepare step with the encoder's [model] crop_margin "
+                                "(or use the encoder trained on this cache)")
 
 
 def _build_identity(folder: Path, files: list[str], tensors1: dict[str, torch.Tensor], buckets: BucketConfig,
