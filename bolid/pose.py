@@ -372,6 +372,18 @@ def import_ultralytics():
     return ultralytics
 
 
+_PICKLE_NOTED = False
+
+
+def note_pickle_checkpoint(path: str | os.PathLike) -> None:
+    """Log, once per process, that ultralytics loads a YOLO ``.pt`` checkpoint with pickle (it can run code)."""
+    global _PICKLE_NOTED
+    if _PICKLE_NOTED or Path(path).suffix.lower() != ".pt":
+        return
+    _PICKLE_NOTED = True
+    logger.warning("BoLID: loading %s with ultralytics: .pt files are pickles: load only files you trust", path)
+
+
 def export_pose_onnx(weights: str | os.PathLike, imgsz: int = 640, dynamic: bool = False,
                      output: str | os.PathLike | None = None, opset: int | None = None,
                      simplify: bool = True) -> Path:
@@ -386,6 +398,7 @@ def export_pose_onnx(weights: str | os.PathLike, imgsz: int = 640, dynamic: bool
                              "yolo11*-pose.pt file)")
     YOLO = import_ultralytics().YOLO  # noqa: N806 - the library's class name
 
+    note_pickle_checkpoint(weights)
     model = YOLO(str(weights))
     if model.task != "pose":
         raise PoseModelError(f"{weights.name} is a YOLO {model.task!r} model, not a pose model")

@@ -268,3 +268,16 @@ def test_import_ultralytics_keeps_pil_image_open(tmp_path):
     corrupt.write_bytes(b"not an image at all")
     with pytest.raises(UnidentifiedImageError):
         Image.open(corrupt)
+
+
+def test_pt_checkpoints_are_noted_as_pickles_once(monkeypatch, caplog):
+    import bolid.pose as pose
+
+    monkeypatch.setattr(pose, "_PICKLE_NOTED", False)
+    with caplog.at_level("WARNING", logger="bolid"):
+        pose.note_pickle_checkpoint("model.yaml")  # not a pickle: nothing to say
+        pose.note_pickle_checkpoint("yolo11n-pose.pt")
+        pose.note_pickle_checkpoint("other.pt")
+    notes = [r for r in caplog.records if "pickles" in r.getMessage()]
+    assert len(notes) == 1 and "load only files you trust" in notes[0].getMessage()
+    assert "yolo11n-pose.pt" in notes[0].getMessage()

@@ -189,12 +189,13 @@ class YoloPoseNet(nn.Module):
     @classmethod
     def from_file(cls, path: str | os.PathLike, imgsz: int = 640) -> YoloPoseNet:
         """A YOLO pose .pt checkpoint (or a model .yaml for random weights, tests only)."""
-        from bolid.pose import import_ultralytics
+        from bolid.pose import import_ultralytics, note_pickle_checkpoint
 
         path = Path(path)
         if path.suffix != ".yaml":
             _require(path, "YOLO pose checkpoint (pose_model)")
         YOLO = import_ultralytics().YOLO  # noqa: N806 - the library's class name
+        note_pickle_checkpoint(path)
         yolo = YOLO(str(path))
         if yolo.task != "pose":
             raise BaseModelError(f"{path.name} is a YOLO {yolo.task!r} model, not a pose model")
