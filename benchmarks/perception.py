@@ -1,11 +1,14 @@
 """Images per second: BoLID's onnxruntime pose/face path vs ultralytics' torch predict, side by side.
 
-    python benchmarks/perception.py [--weights yolo11n-pose.pt] [--face-pack DIR] [--repeats 5]
+    python benchmarks/perception.py [--weights yolo11n-pose.pt] [--face-pack DIR] [--repeats 5] [--device cpu|cuda]
 
 Without --weights a random-weight yolo11n-pose (person class) is built from ultralytics' yaml: the same network
 cost as the real one (post-processing differs a little with the number of detections). Without --face-pack a
 tiny stand-in pack from the tests is used, which times only the pipeline around the networks (detector
 letterbox, alignment, recogniser call), not a real SCRFD/ArcFace. Images: photos shipped in installed packages.
+``--device cuda`` runs onnxruntime on the CUDA provider (an error if the installed onnxruntime lacks it; the log
+warns if it falls back to CPU) and ultralytics on GPU 0; each timed call returns host arrays, so it includes the
+transfers and ends synchronised.
 """
 
 from __future__ import annotations
@@ -69,7 +72,12 @@ def main() -> None:
     parser.add_argument("--face-pack", default=None, help="an InsightFace pack folder (default: tiny stand-in)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--conf", type=float, default=0.25)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu (default) or cuda: onnxruntime CUDA provider, ultralytics on GPU 0")
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    provider = "CUDA" if cuda else "CPU"
+    torch_device = "0" if cuda else "cpu"  # ultralytics' device syntax
 
     import torch
     from ultralytics import YOLO
@@ -79,6 +87,10 @@ def main() -> None:
     weights = Path(args.weights) if args.weights else random_pose_weights(work)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"torch threads {torch.get_num_threads()}; {len(images)} photos; median of {args.repeats} repeats")
+    if cuda:
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+        print(f"device: {torch.cuda.get_device_name(0)} (onnxruntime provider {provider}, ultralytics device 0)")
     print(f"pose weights: {weights.name}")
     print(f"{'task':<28}{'BoLID onnxruntime':>20}{'ultralytics torch':>20}")
     yolo = YOLO(str(weights))
@@ -87,11 +99,12 @@ def main() -> None:
         out = work / f"pose-{imgsz}"
         out.mkdir()
         onnx_path = export_pose_onnx(weights, imgsz=imgsz, output=out / f"pose-{imgsz}.onnx")
-        runner = PoseRunner(onnx_path, "CPU")
+        runner = PoseRunner(onnx_path, provider)
         ours = median_ips(lambda r=runner: [r.detect(im, conf=args.conf) for im in images], len(images),
                           args.repeats)
         theirs = median_ips(lambda s=imgsz: [yolo.predict(im, imgsz=s, conf=args.conf, rect=False, verbose=False,
-                                                          device="cpu") for im in bgr], len(images), args.repeats)
+                                                          device=torch_device) for im in bgr], len(images),
+                             args.repeats)
         print(f"{f'pose, imgsz {imgsz}':<28}{ours:>16.1f} i/s{theirs:>16.1f} i/s")
 
     from bolid.face import FaceAnalyzer
@@ -104,7 +117,7 @@ def main() -> None:
 
         pack, label = build_tiny_pack(work / "tinypack"), "tiny stand-in"
         images = [face_photo((480, 640), (200, 120, 220), seed=i) for i in range(4)]
-    analyzer = FaceAnalyzer(pack, "CPU")
+    analyzer = FaceAnalyzer(pack, provider)
     bgr = [np.ascontiguousarray(im[..., ::-1]) for im in images]
     ours = median_ips(lambda: analyzer.embed(images, no_face="skip"), len(images), args.repeats)
     direct = median_ips(lambda: [analyzer.app.get(im) for im in bgr], len(images), args.repeats)
