@@ -96,6 +96,8 @@ def test_train_py_stage2_end_to_end_and_resume(setup, tmp_path):
     meta = read_safetensors_metadata(out / "bolid_adapter.safetensors")
     assert meta["bolid_training_steps"] == "2" and meta["bolid_base_model"] == "sd15:sd15"
     assert json.loads(meta["bolid_dataset_size"]) == {"identities": 3, "views": 9}
+    encoder_meta = read_safetensors_metadata(setup["tmp"] / "body_encoder.safetensors")
+    assert meta["bolid_body_encoder_hash"] == encoder_meta["bolid_encoder_hash"] != ""
     for branch in ("face", "body"):
         assert (out / f"bolid_adapter.{branch}_ip_adapter.safetensors").is_file()
     # the cache holds latents at the bucket, SDXL size conditioning and keypoints moved into the bucket's frame

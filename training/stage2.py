@@ -20,6 +20,7 @@ from bolid.body_encoder import load_body_encoder
 from bolid.dataset import DatasetConfig, dataset_config_from_dict
 from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
 from bolid.errors import BoLIDError
+from bolid.safetensors_io import read_safetensors_metadata
 from training.common import config_table
 from training.models import BaseModelError, OpenClipFunctions, YoloPoseNet, load_base_model, make_encode_text
 from training.stage2_core import (
@@ -208,5 +209,8 @@ def run(raw_config: dict[str, Any], config_dir: Path, resume: str | None = None,
     result = train_stage2_loop(components, adapter, data, tc, config.loss, output_dir=out, resume=resume,
                                seed=config.seed, accelerator=accelerator,
                                metadata={"model": {k: getattr(config.model, k) for k in ("pretrained",
-                                                                                         "unet_weights")}})
+                                                                                         "unet_weights")},
+                                         # Apply BoLID Adapter refuses Body IDs of any other encoder
+                                         "body_encoder_hash": read_safetensors_metadata(
+                                             config.model.body_encoder).get("bolid_encoder_hash", "")})
     return {"step": result["step"], "losses": result["losses"], "export": [str(p) for p in result["export"]]}

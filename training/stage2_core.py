@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bolid.adapter import BoLIDAdapter
-from bolid.adapter_io import export_ip_adapter, save_adapter
+from bolid.adapter_io import BODY_ENCODER_HASH_KEY, export_ip_adapter, save_adapter
 from bolid.body_encoder import aggregate_views
 from bolid.diffusers_integration import BoLIDDiffusers
 from bolid.errors import BoLIDError
@@ -583,7 +583,9 @@ def training_metadata(components: Stage2Components, data: Stage2Data, tc: Stage2
     info = {"stage": 2, "base_model": components.base_model, "step": step, "loss": asdict(lc),
             "training": asdict(tc), "sampling": asdict(data.sampling), "dataset": data.describe(),
             "prediction_type": components.prediction_type, **(extra or {})}
-    return {"bolid_training": json.dumps(info, sort_keys=True, default=str), "bolid_base_model": components.base_model,
+    out = {BODY_ENCODER_HASH_KEY: str(extra["body_encoder_hash"])} if extra and extra.get("body_encoder_hash") else {}
+    return {**out, "bolid_training": json.dumps(info, sort_keys=True, default=str),
+            "bolid_base_model": components.base_model,
             "bolid_training_steps": str(step), "bolid_loss_weights": json.dumps(
                 {"diff": 1.0, "id": lc.id_weight, "clip": lc.clip_weight, "id_mode": lc.id_mode}),
             "bolid_dataset_size": json.dumps({"identities": len(data.identities), "views": data.num_views})}
