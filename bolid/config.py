@@ -66,9 +66,12 @@ class AdapterConfig:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], source: str) -> AdapterConfig:
-        if metadata.get("bolid_kind") != ADAPTER_FILE_KIND:
+        kind = metadata.get("bolid_kind")
+        if kind != ADAPTER_FILE_KIND:
+            hint = {"bolid_body_encoder": ": it is a Body-ID encoder, load it with 'Load Body-ID Encoder'",
+                    "bolid_body_id": ": it is a saved body identity, load it with 'Load Body ID'"}.get(kind, "")
             raise AdapterFileError(
-                f"{source}: not a BoLID adapter (metadata bolid_kind={metadata.get('bolid_kind')!r}); "
+                f"{source}: not a BoLID adapter (metadata bolid_kind={kind!r}){hint}; "
                 "BoLID adapters are .safetensors files written by BoLID's training or export"
             )
         try:

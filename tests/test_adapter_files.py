@@ -115,3 +115,13 @@ def test_bad_embeddings(value, match):
     adapter = BoLIDAdapter(small_config())
     with pytest.raises(EmbeddingError, match=match):
         adapter.tokens("face", value)
+
+
+def test_body_encoder_file_given_as_adapter_gets_a_hint(tmp_path):
+    from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
+
+    path = tmp_path / "enc.safetensors"
+    save_body_encoder(BodyEncoder(BodyEncoderConfig(latent_dim=8, crop_size=32, decoder_size=16, width=8, hidden=16)),
+                      path)
+    with pytest.raises(AdapterFileError, match="it is a Body-ID encoder, load it with 'Load Body-ID Encoder'"):
+        load_adapter(path)
