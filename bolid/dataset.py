@@ -362,18 +362,22 @@ class IdentityCache:
         return len(self.files)
 
 
+def read_cache_index(index_path: Path, prepare: str = "python training/train.py --config <config> --prepare-only"
+                     ) -> list[dict[str, Any]]:
+    """The ``identities`` list of a cache's index file; a missing or damaged index says how to rebuild it."""
+    if not index_path.is_file():
+        raise DatasetCacheError(f"{index_path} not found: run the prepare step first ({prepare})")
+    try:
+        return json.loads(index_path.read_text())["identities"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetCacheError(f"{index_path} is damaged ({type(exc).__name__}: {exc}); run prepare again "
+                                f"({prepare})") from exc
+
+
 def load_identity_caches(cache_dir: str | os.PathLike) -> list[IdentityCache]:
     """The identities listed in ``cache_dir/index.json`` (written by :func:`prepare_dataset`)."""
     cache = Path(cache_dir)
-    index_path = cache / INDEX_FILE
-    if not index_path.is_file():
-        raise DatasetCacheError(f"{index_path} not found: run the prepare step first "
-                                "(python training/train.py --config <config> --prepare-only)")
-    try:
-        entries = json.loads(index_path.read_text())["identities"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetCacheError(f"{index_path} is damaged ({type(exc).__name__}: {exc}); run prepare again "
-                                "(python training/train.py --config <config> --prepare-only)") from exc
+    entries = read_cache_index(cache / INDEX_FILE)
     out = []
     for e in entries:
         path = cache / e["file"]

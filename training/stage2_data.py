@@ -22,7 +22,14 @@ import torch
 from PIL import Image
 
 from bolid.body_encoder import BodyEncoder, encoder_hash
-from bolid.dataset import DatasetCacheError, DatasetConfig, list_identities, load_identity_caches, read_rgb
+from bolid.dataset import (
+    DatasetCacheError,
+    DatasetConfig,
+    list_identities,
+    load_identity_caches,
+    read_cache_index,
+    read_rgb,
+)
 from bolid.safetensors_io import (
     atomic_save_safetensors,
     atomic_write_text,
@@ -197,14 +204,8 @@ def load_stage2_cache(cache_dir: str | Path, sdxl: bool
                       ) -> tuple[list[Stage2Identity], dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
     """The cached identities and caption embeddings written by :func:`prepare_stage2_cache`."""
     cache_dir = Path(cache_dir)
-    index_path = cache_dir / INDEX_FILE
-    if not index_path.is_file():
-        raise DatasetCacheError(f"{index_path} not found: run `train.py --config <stage-2 config> --prepare-only`")
-    try:
-        entries = json.loads(index_path.read_text())["identities"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetCacheError(f"{index_path} is damaged ({type(exc).__name__}: {exc}); run "
-                                "`train.py --config <stage-2 config> --prepare-only` again") from exc
+    entries = read_cache_index(cache_dir / INDEX_FILE, "python training/train.py --config <stage-2 config> "
+                                                      "--prepare-only")
     identities = []
     for entry in entries:
         tensors, meta = load_safetensors(cache_dir / entry["file"], DatasetCacheError)
