@@ -26,20 +26,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 
 def make_split(root: Path, runner, bodies: dict, views: int, rng) -> None:
-    import numpy as np
-    from PIL import Image
-    from test_stage1_training import IMAGE_SIZE, draw_figure, person, pose_keypoints
+    from test_stage1_training import write_views
 
     for name, body in bodies.items():
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for j in range(views):
-            unit = IMAGE_SIZE * rng.uniform(0.22, 0.3)
-            centre = (IMAGE_SIZE * rng.uniform(0.4, 0.6), IMAGE_SIZE * rng.uniform(0.45, 0.55))
-            kp = pose_keypoints(body, rng, centre, unit)
-            img = draw_figure(body, kp, IMAGE_SIZE, unit, rng)
-            Image.fromarray(np.ascontiguousarray(img)).save(folder / f"{j:02d}.png")
-            runner.table[runner.key(img)] = [person(kp)]
+        write_views(root / name, body, views, rng, runner)
 
 
 def main() -> int:

@@ -113,6 +113,21 @@ class FakePoseRunner:
         return [self.table.get(self.key(im), []) for im in images]
 
 
+def write_views(folder: Path, body: dict, views: int, rng, runner: FakePoseRunner, caption: str | None = None
+                ) -> None:
+    """Draw ``views`` photos of one body at random placements into ``folder`` and register their poses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for j in range(views):
+        unit = IMAGE_SIZE * rng.uniform(0.22, 0.3)
+        centre = (IMAGE_SIZE * rng.uniform(0.4, 0.6), IMAGE_SIZE * rng.uniform(0.45, 0.55))
+        kp = pose_keypoints(body, rng, centre, unit)
+        img = np.ascontiguousarray(draw_figure(body, kp, IMAGE_SIZE, unit, rng))
+        Image.fromarray(img).save(folder / f"{j:02d}.png")
+        if caption is not None:
+            (folder / f"{j:02d}.txt").write_text(f"{caption}, view {j}")
+        runner.table[runner.key(img)] = [person(kp)]
+
+
 def make_dataset(root: Path, runner: FakePoseRunner, identities: int = 6, views: int = 6, seed: int = 0,
                  extras: bool = False) -> dict[str, dict]:
     """Write <root>/<identity>/*.png; with ``extras`` also one bad file of every kind the prepare step skips."""
@@ -122,16 +137,7 @@ def make_dataset(root: Path, runner: FakePoseRunner, identities: int = 6, views:
         name = f"person_{i}"
         body = identity_params(rng)
         bodies[name] = body
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for j in range(views):
-            unit = IMAGE_SIZE * rng.uniform(0.22, 0.3)
-            centre = (IMAGE_SIZE * rng.uniform(0.4, 0.6), IMAGE_SIZE * rng.uniform(0.45, 0.55))
-            kp = pose_keypoints(body, rng, centre, unit)
-            img = draw_figure(body, kp, IMAGE_SIZE, unit, rng)
-            Image.fromarray(img).save(folder / f"{j:02d}.png")
-            (folder / f"{j:02d}.txt").write_text(f"a photo of {name}, view {j}")
-            runner.table[runner.key(img)] = [person(kp)]
+        write_views(root / name, body, views, rng, runner, caption=f"a photo of {name}")
     if extras:
         folder = root / "person_0"
         (folder / "corrupt.jpg").write_bytes(b"not a jpeg at all")
