@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .appearance import APPEARANCE_DIM
 from .errors import BoLIDError
 from .identity import BodyID
 from .keypoints import NUM_KEYPOINTS, PersonPose
@@ -35,7 +36,9 @@ from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safe
 
 logger = logging.getLogger("bolid")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: appearance head, standardised targets (target_mean/std), optional body prior tensors
+READABLE_FORMAT_VERSIONS = (1, 2)
+BODY_PRIOR_KEYS = ("body_prior.mean", "body_prior.scale_tril")
 BODY_ENCODER_FILE_KIND = "bolid_body_encoder"
 LOGVAR_RANGE = (-10.0, 10.0)
 
@@ -55,7 +58,11 @@ class BodyEncoderConfig:
     latent_dim: size d of c_body (the adapter's ``body_dim``). crop_size: side of the square person crop the
     encoder sees. decoder_size: side of the low-res crop the decoder redraws. crop_margin: the crop side is
     ``max(box w, box h) * crop_margin``. prior_expert: include N(0, I) as one more expert in the product of
-    Gaussians (see :func:`aggregate_views`).
+    Gaussians (see :func:`aggregate_views`). appearance_dim: size of the appearance target
+    (:mod:`bolid.appearance`; 0 = no appearance head, as in format-1 files). target_mean / target_std: the
+    population mean and spread over people of the identity targets (proportions, then appearance), set by
+    stage 1 from its data; the heads predict standardised values, so each target is O(1) whatever its units and
+    no hand-set loss weight is needed. Empty = no standardisation (format-1 files).
     """
 
     latent_dim: int = 128
@@ -66,6 +73,9 @@ class BodyEncoderConfig:
     heatmap_sigma: float = 0.03
     crop_margin: float = 1.15
     prior_expert: bool = True
+    appearance_dim: int = APPEARANCE_DIM
+    target_mean: tuple[float, ...] = ()
+    target_std: tuple[float, ...] = ()
     format_version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict, compare=False)
 
@@ -78,7 +88,16 @@ class BodyEncoderConfig:
             raise ValueError(f"BodyEncoderConfig.crop_size must be a power of two >= 8, got {self.crop_size}")
         if not (0.0 < self.heatmap_sigma < 1.0) or self.crop_margin < 1.0:
             raise ValueError("BodyEncoderConfig: heatmap_sigma must be in (0, 1) and crop_margin >= 1")
-
+        if self.appearance_dim not in (0, APPEARANCE_DIM):
+            raise ValueError(f"BodyEncoderConfig.appearance_dim must be 0 or {APPEARANCE_DIM}, got {self.appearance_dim}")
+        n_targets = NUM_PROPORTIONS + self.appearance_dim
+        object.__setattr__(self, "target_mean", tuple(float(v) for v in self.target_mean))
+        object.__setattr__(self, "target_std", tuple(float(v) for v in self.target_std))
+        for name in ("target_mean", "target_std"):
+            if len(getattr(self, name)) not in (0, n_targets):
+                raise ValueError(f"BodyEncoderConfig.{name} must have 0 or {n_targets} values")
+        if any(not v > 0 or not math.isfinite(v) for v in self.target_std):
+            raise ValueError("BodyEncoderConfig.target_std must be finite and positive")
     def architecture(self) -> dict[str, Any]:
         """The fields that define the weights (``training`` is provenance only)."""
         out = asdict(self)
@@ -108,11 +127,15 @@ class BodyEncoderConfig:
             version = int(metadata.get("bolid_format_version", ""))
         except ValueError as exc:
             raise BodyEncoderFileError(f"{source}: missing or invalid bolid_format_version") from exc
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise BodyEncoderFileError(f"{source}: body encoder format version {version} is not supported "
-                                       f"(this BoLID reads {FORMAT_VERSION}); update the node pack or re-export")
+                                       f"(this BoLID reads {READABLE_FORMAT_VERSIONS}); update the node pack or "
+                                       "re-export")
         try:
-            return cls.from_dict(json.loads(metadata["bolid_config"]))
+            raw = json.loads(metadata["bolid_config"])
+            if version == 1:  # before the appearance head and standardised targets
+                raw = {**raw, "appearance_dim": 0, "format_version": FORMAT_VERSION}
+            return cls.from_dict(raw)
         except (KeyError, TypeError, ValueError) as exc:
             raise BodyEncoderFileError(f"{source}: invalid bolid_config metadata ({exc})") from exc
 
@@ -266,6 +289,15 @@ def aggregate_views(mu: torch.Tensor, logvar: torch.Tensor, weights: torch.Tenso
     return (mean_terms.sum(-2) / precision).to(out_dtype), (-torch.log(precision)).to(out_dtype)
 
 
+def fit_body_prior(means: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empirical distribution of posterior means [N, d] as (mean, Cholesky factor of the covariance)."""
+    x = means.double()
+    mean = x.mean(0)
+    cov = torch.cov(x.T) if x.shape[0] > 1 else torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    cov = cov + ridge * torch.eye(x.shape[1], dtype=torch.float64)
+    return mean.float(), torch.linalg.cholesky(cov).float()
+
+
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last axis."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
@@ -282,7 +314,33 @@ class BodyEncoder(nn.Module):
         hid = self.config.hidden
         self.proportion_head = nn.Sequential(nn.Linear(self.config.latent_dim, hid), nn.SiLU(),
                                              nn.Linear(hid, NUM_PROPORTIONS))
+        self.appearance_head = (nn.Sequential(nn.Linear(self.config.latent_dim, hid), nn.SiLU(),
+                                              nn.Linear(hid, self.config.appearance_dim))
+                                if self.config.appearance_dim else None)
+        # the distribution of the training identities' posterior means (what stage 2 conditioned on), stored
+        # with the encoder by stage 1; Sample Body ID draws from it. None: unknown (then the prior N(0, I)).
+        self.body_prior: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _target_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        n = NUM_PROPORTIONS + self.config.appearance_dim
+        if not self.config.target_mean:
+            return torch.zeros(n, device=device, dtype=dtype), torch.ones(n, device=device, dtype=dtype)
+        return (torch.tensor(self.config.target_mean, device=device, dtype=dtype),
+                torch.tensor(self.config.target_std, device=device, dtype=dtype))
+
+    def standardise_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Identity targets [..., 6 (+12)] -> standardised units (population mean 0, spread 1 per value)."""
+        mean, std = self._target_stats(targets.device, targets.dtype)
+        return (targets - mean[: targets.shape[-1]]) / std[: targets.shape[-1]]
+
+    def sample_bodies(self, count: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
+        """``count`` c_body draws [count, d] from the stored distribution of training identities (or N(0, I)),
+        with the spread around its mean scaled by ``temperature``."""
+        z = torch.randn(count, self.latent_dim, generator=generator) * float(temperature)
+        if self.body_prior is None:
+            return z
+        mean, tril = self.body_prior
+        return mean.float() + z @ tril.float().T
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
@@ -307,21 +365,32 @@ class BodyEncoder(nn.Module):
         return self.decoder(z, target_keypoints)
 
     def predict_proportions(self, z: torch.Tensor) -> torch.Tensor:
-        return self.proportion_head(z)
+        """The identity's proportions (torso units) predicted from c_body."""
+        mean, std = self._target_stats(z.device, z.dtype)
+        return self.proportion_head(z) * std[:NUM_PROPORTIONS] + mean[:NUM_PROPORTIONS]
+
+    def predict_appearance(self, z: torch.Tensor) -> torch.Tensor:
+        """The identity's appearance descriptor (:mod:`bolid.appearance`, RGB 0..1) predicted from c_body."""
+        if self.appearance_head is None:
+            raise BoLIDError("this Body-ID encoder has no appearance head (format 1); re-train stage 1")
+        mean, std = self._target_stats(z.device, z.dtype)
+        return self.appearance_head(z) * std[NUM_PROPORTIONS:] + mean[NUM_PROPORTIONS:]
 
     def forward(self, batch: dict[str, torch.Tensor], **loss_options: Any) -> dict[str, torch.Tensor]:
         """The training objective (:meth:`losses`): calling the module lets DDP/accelerate wrap it."""
         return self.losses(batch, **loss_options)
 
     def losses(self, batch: dict[str, torch.Tensor], kl_weight: float = 1e-3, recon_weight: float = 1.0,
-               proportion_weight: float = 1.0, generator: torch.Generator | None = None
-               ) -> dict[str, torch.Tensor]:
+               proportion_weight: float = 1.0, appearance_weight: float = 1.0,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Stage-1 objective on a batch from :func:`bolid.dataset.stage1_collate`.
 
         The reparameterisation noise comes from ``generator`` when given (reproducible, resumable training).
 
         Keys used: context_crops [B,V,3,S,S], context_keypoints [B,V,17,3], context_weights [B,V],
-        target_crop [B,3,S,S], target_keypoints [B,17,3], proportions [B,6], proportion_confidence [B,6].
+        target_crop [B,3,S,S], target_keypoints [B,17,3], proportions [B,6], proportion_confidence [B,6], and
+        with an appearance head appearance [B,12], appearance_confidence [B,12]. Proportion and appearance errors
+        are measured in standardised units (``config.target_mean/std``).
         """
         mu, logvar = self.encode(batch["context_crops"], batch["context_keypoints"], batch["context_weights"])
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
@@ -330,12 +399,22 @@ class BodyEncoder(nn.Module):
         target = F.interpolate(batch["target_crop"], size=(r, r), mode="bilinear", antialias=True,
                                align_corners=False) * 2.0 - 1.0
         recon = F.mse_loss(self.decode(z, batch["target_keypoints"]).float(), target.float())
-        pred = self.predict_proportions(z).float()
-        conf = batch["proportion_confidence"].float()
-        prop = ((pred - batch["proportions"].float()) ** 2 * conf).sum() / conf.sum().clamp_min(1e-6)
+        def weighted_error(pred: torch.Tensor, target: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+            return ((pred.float() - self.standardise_targets(target.float())[..., offset: offset + pred.shape[-1]])
+                    ** 2 * conf.float()).sum() / conf.float().sum().clamp_min(1e-6)
+
+        offset = 0
+        prop = weighted_error(self.proportion_head(z), batch["proportions"], batch["proportion_confidence"])
         kl = kl_to_standard_normal(mu.float(), logvar.float()).mean()
         total = recon_weight * recon + proportion_weight * prop + kl_weight * kl
-        return {"loss": total, "recon": recon.detach(), "proportions": prop.detach(), "kl": kl.detach()}
+        out = {"recon": recon.detach(), "proportions": prop.detach(), "kl": kl.detach()}
+        if self.appearance_head is not None:
+            offset = NUM_PROPORTIONS
+            targets = torch.cat([batch["proportions"], batch["appearance"]], -1)
+            app = weighted_error(self.appearance_head(z), targets, batch["appearance_confidence"])
+            total = total + appearance_weight * app
+            out["appearance"] = app.detach()
+        return {"loss": total, **out}
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -358,6 +437,9 @@ def save_body_encoder(model: BodyEncoder, path: str | os.PathLike,
     model_hash = encoder_hash(model)
     metadata = {**model.config.to_metadata(), "bolid_encoder_hash": model_hash, **(extra_metadata or {})}
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    if model.body_prior is not None:
+        state.update({k: v.detach().to("cpu", torch.float32).contiguous()
+                      for k, v in zip(BODY_PRIOR_KEYS, model.body_prior, strict=True)})
     atomic_save_safetensors(state, path, metadata)
     return model_hash
 
@@ -382,6 +464,16 @@ def load_body_encoder_with_hash(path: str | os.PathLike,
     config = read_body_encoder_config(path)
     tensors, metadata = load_safetensors(path, BodyEncoderFileError)
     model = BodyEncoder(config)
+    prior = [tensors.pop(k, None) for k in BODY_PRIOR_KEYS]
+    if all(t is not None for t in prior):
+        d = config.latent_dim
+        if tuple(prior[0].shape) != (d,) or tuple(prior[1].shape) != (d, d) or not all(
+                bool(torch.isfinite(t).all()) for t in prior):
+            raise BodyEncoderFileError(f"{path}: the stored body distribution (body_prior.*) does not match the "
+                                       f"latent size {d} or is not finite; re-export the encoder")
+        model.body_prior = (prior[0].float(), prior[1].float())
+    elif any(t is not None for t in prior):
+        raise BodyEncoderFileError(f"{path}: only one of {BODY_PRIOR_KEYS} is present; re-export the encoder")
     reference = model.state_dict()
     check_state_dict(tensors, reference, str(path), BodyEncoderFileError, "its declared encoder config")
     model.load_state_dict(tensors, strict=True)

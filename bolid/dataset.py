@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 
+from .appearance import aggregate_appearance, appearance_descriptor
 from .body_encoder import crop_person, detect_people
 from .errors import BoLIDError
 from .keypoints import PersonPose, flip_index
@@ -356,10 +357,30 @@ class IdentityCache:
     weights: torch.Tensor
     proportions: torch.Tensor
     proportion_confidence: torch.Tensor
+    appearance: torch.Tensor  # bolid.appearance descriptor of the identity (mean over its photos)
+    appearance_confidence: torch.Tensor
 
     @property
     def num_views(self) -> int:
         return len(self.files)
+
+
+def read_identity_crops(cache: IdentityCache) -> torch.Tensor:
+    """All crops of one identity as float [V, 3, S, S] in 0..1."""
+    with safe_open(str(cache.path), framework="pt") as f:
+        crops = f.get_tensor("crops")
+    return crops.permute(0, 3, 1, 2).float() / 255.0
+
+
+def identity_target_statistics(identities: Sequence[IdentityCache]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and spread over people of the identity targets (proportions, then appearance), each value weighted
+    by its confidence: the standardisation that makes stage 1's heads scale-free (see BodyEncoderConfig)."""
+    targets = torch.stack([torch.cat([c.proportions, c.appearance]) for c in identities]).double()
+    conf = torch.stack([torch.cat([c.proportion_confidence, c.appearance_confidence]) for c in identities]).double()
+    w = conf / conf.sum(0).clamp_min(1e-9)
+    mean = (w * targets).sum(0)
+    std = ((w * (targets - mean) ** 2).sum(0)).sqrt().clamp_min(1e-3)
+    return mean.float(), std.float()
 
 
 def read_cache_index(index_path: Path, prepare: str = "python training/train.py --config <config> --prepare-only"
@@ -384,10 +405,13 @@ def load_identity_caches(cache_dir: str | os.PathLike) -> list[IdentityCache]:
         tensors, meta = load_safetensors(path, DatasetCacheError)
         if meta.get("bolid_kind") != CACHE_KIND:
             raise DatasetCacheError(f"{path}: not a BoLID stage-1 cache file; delete it and run prepare again")
+        keypoints = tensors["keypoints"].float()
+        desc, desc_conf = appearance_descriptor(tensors["crops"].permute(0, 3, 1, 2).float() / 255.0, keypoints)
+        appearance, appearance_conf = aggregate_appearance(desc, desc_conf * tensors["weights"].float()[:, None])
         out.append(IdentityCache(path, meta.get("identity", e["key"]), json.loads(meta["files"]),
-                                 json.loads(meta.get("captions", "[]")), tensors["keypoints"].float(),
+                                 json.loads(meta.get("captions", "[]")), keypoints,
                                  tensors["weights"].float(), tensors["proportions"].float(),
-                                 tensors["proportion_confidence"].float()))
+                                 tensors["proportion_confidence"].float(), appearance, appearance_conf))
     return out
 
 
@@ -437,7 +461,8 @@ class Stage1Dataset(torch.utils.data.Dataset):
             kps[j, :, 0] = 1.0 - kps[j, :, 0]
         return {"context_crops": crops[1:], "context_keypoints": kps[1:], "context_weights": cache.weights[rows[1:]],
                 "target_crop": crops[0], "target_keypoints": kps[0], "proportions": cache.proportions,
-                "proportion_confidence": cache.proportion_confidence}
+                "proportion_confidence": cache.proportion_confidence, "appearance": cache.appearance,
+                "appearance_confidence": cache.appearance_confidence}
 
 
 def stage1_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -451,7 +476,8 @@ def stage1_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
             pad = torch.zeros((v - t.shape[0], *t.shape[1:]), dtype=t.dtype)
             padded.append(torch.cat([t, pad]))
         out[key] = torch.stack(padded)
-    for key in ("target_crop", "target_keypoints", "proportions", "proportion_confidence"):
+    for key in ("target_crop", "target_keypoints", "proportions", "proportion_confidence", "appearance",
+                "appearance_confidence"):
         out[key] = torch.stack([it[key] for it in items])
     return out
 

@@ -10,6 +10,10 @@
 * **Keypoints** are known exactly: COCO-17 in the output image's pixel frame (pixel ``j`` covers ``[j, j+1)``),
   ``(x, y, visibility)``; the person's left side is drawn on the image's right in the front view (COCO).
 
+``ORACLE_DIM`` numbers describe an identity (:meth:`SyntheticIdentity.oracle_vector`). The traits were chosen to be
+visible at 32 px: four skin tones, five hair colours, limb width and waist width, and bone lengths whose spread
+between people is several pixels.
+
 The world has heads but no faces: a head is a skin-coloured disc with identity-coloured hair, no facial
 features an ArcFace-style recognizer could use, so the face branch of BoLID is not exercised by this world.
 
@@ -32,7 +36,7 @@ VIEWS: tuple[str, ...] = ("front view", "turned left", "turned right")
 # name -> RGB; shirts and trousers use the same palette
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 160, 60), "yellow": (230, 200, 40),
-    "white": (235, 235, 235), "black": (25, 25, 25), "orange": (240, 130, 30), "purple": (130, 50, 170),
+    "white": (235, 235, 235), "black": (25, 25, 25),
 }
 SHIRTS: tuple[str, ...] = ("t-shirt", "long-sleeved shirt")
 TROUSERS: tuple[str, ...] = ("trousers", "shorts")
@@ -41,22 +45,23 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], float]]
     "a grey wall": ((128, 128, 128), (128, 128, 128), 1.0),
     "a blue sky over grass": ((120, 180, 235), (70, 140, 60), 0.7),
     "a beach": ((150, 200, 240), (220, 200, 140), 0.65),
-    "a brick wall": ((150, 70, 50), (150, 70, 50), 1.0),
     "a night sky": ((20, 25, 60), (20, 25, 60), 1.0),
-    "a sunset": ((240, 150, 90), (90, 60, 80), 0.6),
 }
-SKIN_TONES: tuple[tuple[int, int, int], ...] = (
-    (255, 220, 190), (240, 195, 160), (215, 165, 125), (180, 130, 90), (140, 95, 65), (100, 65, 45))
+# identity traits: a few well-separated skin tones and hair colours, so that they stay distinct at 32 px
+SKIN_TONES: tuple[tuple[int, int, int], ...] = ((250, 215, 185), (215, 160, 115), (160, 105, 70), (95, 60, 40))
 HAIR_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (20, 15, 10), (80, 50, 25), (160, 110, 50), (220, 190, 110), (150, 60, 30), (170, 170, 170))
+    (20, 15, 10), (110, 65, 30), (230, 200, 100), (200, 60, 25), (205, 205, 205))
 
 # identity ranges, torso units (torso = shoulder midpoint to hip midpoint)
 BONE_RANGES: dict[str, tuple[float, float]] = {
-    "upper_arm": (0.36, 0.62), "forearm": (0.30, 0.56), "thigh": (0.42, 0.75), "shin": (0.40, 0.72),
-    "shoulder_width": (0.50, 0.88), "hip_width": (0.30, 0.60),
+    "upper_arm": (0.32, 0.64), "forearm": (0.28, 0.58), "thigh": (0.40, 0.88), "shin": (0.38, 0.84),
+    "shoulder_width": (0.45, 0.95), "hip_width": (0.30, 0.66),
 }
-HEAD_RADIUS = 0.24  # torso units
-NECK = 0.18  # shoulder midpoint to the bottom of the head
+LIMB_WIDTH_RANGE = (0.10, 0.27)  # limb thickness, torso units
+TORSO_WIDTH_RANGE = (0.8, 1.3)  # waist width relative to the mean of shoulder and hip width
+HEAD_RADIUS = 0.30  # torso units
+NECK = 0.16  # shoulder midpoint to the bottom of the head
+ORACLE_DIM = len(BONE_RANGES) + 2 + len(SKIN_TONES) + len(HAIR_COLOURS)  # SyntheticIdentity.oracle_vector
 VIEW_YAW: dict[str, float] = {"front view": 0.0, "turned left": 0.5, "turned right": -0.5}  # radians
 
 
@@ -77,6 +82,30 @@ class SyntheticIdentity:
 
         return np.array([self.bones[n] for n in PROPORTION_NAMES], dtype=np.float64)
 
+    @property
+    def skin_index(self) -> int:
+        return SKIN_TONES.index(self.skin)
+
+    @property
+    def hair_index(self) -> int:
+        return HAIR_COLOURS.index(self.hair)
+
+    def oracle_vector(self) -> np.ndarray:
+        """The identity as a standardised vector (the experiment's oracle in place of c_body): the six
+        proportions and the two build numbers, each standardised by its spread over people (uniform ranges), then
+        skin and hair one-hot. Dimension :data:`ORACLE_DIM`."""
+        from .proportions import PROPORTION_NAMES
+
+        def z(value: float, lo: float, hi: float) -> float:
+            return (value - (lo + hi) / 2) / ((hi - lo) / math.sqrt(12.0))
+
+        cont = [z(self.bones[n], *BONE_RANGES[n]) for n in PROPORTION_NAMES]
+        cont += [z(self.limb_width, *LIMB_WIDTH_RANGE), z(self.torso_width, *TORSO_WIDTH_RANGE)]
+        skin, hair = np.zeros(len(SKIN_TONES)), np.zeros(len(HAIR_COLOURS))
+        skin[self.skin_index] = 1.0
+        hair[self.hair_index] = 1.0
+        return np.concatenate([np.asarray(cont), skin, hair]).astype(np.float32)
+
 
 @dataclass
 class SyntheticPhoto:
@@ -95,8 +124,8 @@ def make_identity(world_seed: int, index: int) -> SyntheticIdentity:
     """Identity ``index`` of the world ``world_seed`` (deterministic)."""
     rng = np.random.default_rng([int(world_seed), 1, int(index)])
     bones = {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in BONE_RANGES.items()}
-    return SyntheticIdentity(index=int(index), bones=bones, limb_width=float(rng.uniform(0.11, 0.22)),
-                             torso_width=float(rng.uniform(0.85, 1.2)),
+    return SyntheticIdentity(index=int(index), bones=bones, limb_width=float(rng.uniform(*LIMB_WIDTH_RANGE)),
+                             torso_width=float(rng.uniform(*TORSO_WIDTH_RANGE)),
                              skin=SKIN_TONES[int(rng.integers(len(SKIN_TONES)))],
                              hair=HAIR_COLOURS[int(rng.integers(len(HAIR_COLOURS)))])
 
@@ -271,7 +300,9 @@ def render_photo(identity: SyntheticIdentity, photo_seed: int, size: int = 32, s
     hc = pt(head_c)
     for draw, col in ((d, skin), (m, 255)):
         draw.ellipse([hc[0] - r, hc[1] - r, hc[0] + r, hc[1] + r], fill=col)
-    d.pieslice([hc[0] - r, hc[1] - r, hc[0] + r, hc[1] + r], 180, 360, fill=identity.hair)
+    d.pieslice([hc[0] - r * 1.08, hc[1] - r * 1.12, hc[0] + r * 1.08, hc[1] + r * 1.04], 165, 375,
+               fill=identity.hair)
+    m.pieslice([hc[0] - r * 1.08, hc[1] - r * 1.12, hc[0] + r * 1.08, hc[1] + r * 1.04], 165, 375, fill=255)
 
     bg.paste(fig, (0, 0), mask)
     image = np.asarray(bg.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)

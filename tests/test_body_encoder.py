@@ -157,7 +157,10 @@ def test_a_view_with_zero_confidence_has_no_influence(encoder):
         kps[:, 2] = 1e6
         garbage = encoder.encode(crops, kps, w)
     for a, b, c in zip(ref, got, garbage, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
+        # the padded view is masked exactly (the garbage run equals the zero-weight run bit for bit); against the
+        # 2-view run only float rounding differs, because the convolutions see a batch of 3 instead of 2
+        assert torch.equal(b, c) and torch.isfinite(c).all()
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_product_of_gaussians_formula():
@@ -192,10 +195,11 @@ def test_losses_backpropagate_into_every_part():
     b = {"context_crops": torch.rand(2, 2, 3, 20, 20), "context_keypoints": torch.rand(2, 2, 17, 3),
          "context_weights": torch.tensor([[1.0, 0.5], [0.7, 0.0]]), "target_crop": torch.rand(2, 3, 20, 20),
          "target_keypoints": torch.rand(2, 17, 3), "proportions": torch.rand(2, 6),
-         "proportion_confidence": torch.ones(2, 6)}
+         "proportion_confidence": torch.ones(2, 6), "appearance": torch.rand(2, 12),
+         "appearance_confidence": torch.ones(2, 12)}
     losses = model.losses(b, generator=torch.Generator().manual_seed(1))
     losses["loss"].backward()
-    for name in ("view_encoder", "decoder", "proportion_head"):
+    for name in ("view_encoder", "decoder", "proportion_head", "appearance_head"):
         grads = [p.grad for p in getattr(model, name).parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), name
     again = model.losses(b, generator=torch.Generator().manual_seed(1))

@@ -1,5 +1,6 @@
-"""The CPU experiment end to end, drastically shortened: world, stage 1, both stage-2 variants, generation under
-every condition, metrics, tables, plots and the grid (the numbers themselves mean nothing at this length)."""
+"""The CPU experiment end to end, drastically shortened: world, stage 1 and its held-out checks, every adapter of
+the ladder (oracle, BoLID, shuffled control, both ablations), generation under every arm, the body-branch
+response, statistics, criteria, results.json/md and the grid (the numbers mean nothing at this length)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.experiment.run import ExperimentConfig, run
+from training.experiment.config import ExperimentConfig, ExperimentConfigError
+from training.experiment.run import run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT / "training" / "experiment_assets"
@@ -18,35 +20,54 @@ CONFIG = REPO_ROOT / "training" / "configs" / "experiment.toml"
 
 SHORT = {
     "threads": 1,
-    "world": {"train_identities": 3, "photos_per_identity": 3, "heldout_identities": 2,
+    "world": {"train_identities": 4, "photos_per_identity": 3, "heldout_identities": 3,
               "heldout_reference_photos": 2, "heldout_target_photos": 1},
     "stage1": {"latent_dim": 8, "width": 8, "hidden": 16, "max_steps": 2, "batch_size": 4},
     "stage2": {"max_steps": 2, "batch_size": 2, "warmup_steps": 1, "id_max_timestep": 1000},
     "sampling": {"steps": 2, "seeds_per_caption": 2},
+    "arms": {"no_id_loss": True, "target_in_context": True},
+    "stats": {"n_boot": 50, "n_perm": 50},
 }
 
 
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ExperimentConfigError, match="max_stepz"):
+        ExperimentConfig.load(CONFIG, {"stage2": {"max_stepz": 3}})
+    with pytest.raises(ExperimentConfigError, match="unknown keys"):
+        ExperimentConfig.load(CONFIG, {"wrld": {}})
+    with pytest.raises(ExperimentConfigError, match="held-out"):
+        ExperimentConfig.load(CONFIG, {"world": {"heldout_identities": 1}})
+    cfg = ExperimentConfig.load(CONFIG)
+    assert cfg.world.heldout_identities >= 32 and cfg.stage1.proportion_weight == 1.0
+
+
 @pytest.mark.skipif(not (ASSETS / "base_unet.safetensors").is_file(), reason="world models not committed")
-def test_experiment_runs_end_to_end_and_reports_every_condition(tmp_path):
+def test_experiment_runs_end_to_end_and_reports_every_arm(tmp_path):
     cfg = ExperimentConfig.load(CONFIG, {**SHORT, "output_dir": str(tmp_path / "out")})
-    summary = run(cfg)
+    results = run(cfg)
     out = tmp_path / "out"
-    for name in ("results.md", "results.csv", "results.json", "results_body_error.png", "grid.png"):
+    for name in ("results.md", "results.json", "grid.png"):
         assert (out / name).is_file(), name
-    conditions = [r["condition"] for r in summary["rows"]]
-    assert conditions[0].startswith("real held-out photos") and conditions[1].startswith("text only")
-    assert any("multi-view" in c for c in conditions) and any("single photo" in c for c in conditions)
-    assert any("stored Body ID" in c for c in conditions) and any("target itself" in c for c in conditions)
-    for row in summary["rows"]:
-        assert row["images"] == 4  # 2 held-out identities x 1 caption x 2 seeds
-        assert math.isfinite(row["fid"]) and 0.0 <= row["attributes"] <= 1.0
+    arms = results["arms"]
+    assert list(arms)[:3] == ["real", "text", "oracle"]
+    for key in ("bolid", "bolid_single", "bolid_stored", "bolid_swapped", "bolid_sampled", "oracle_swapped",
+                "shuffled", "no_id", "target_in_context"):
+        assert key in arms, key
+    for key, arm in arms.items():
+        assert arm["summary"]["caption_attributes"]["n_images"] == 6  # 3 people x 1 caption x 2 seeds
+        assert math.isfinite(arm["fid_pose_features"])
+        assert ("vs_text_only" in arm) == (key not in ("real", "text"))
+    assert set(results["body_branch_response"]) == {"oracle", "bolid", "shuffled", "no_id", "target_in_context"}
     # the stored identity (saved, reloaded) reproduces the multi-view images exactly
-    assert summary["stored_vs_multiview_max_pixel_diff"] == 0
-    table = (out / "results.md").read_text()
-    assert table.startswith("| condition | body error") and "text only (base model)" in table
+    assert results["stored_vs_multiview_max_pixel_diff"] == 0
+    assert results["criteria"]["stored_equals_multi_view_max_pixel_diff"]["met"]
+    assert {"value", "target", "met"} <= set(results["criteria"]["body_own_minus_others"])
+    s1 = results["stage1"]
+    assert s1["halves_identification"]["n_candidates"] == 3 and "improvement" in s1["proportion_head"]["vs_truth"]
     saved = json.loads((out / "results.json").read_text())
-    assert "per_image" in saved["rows"][0] and saved["face_ablations"].startswith("skipped")
-    assert len(list((out / "body_ids").glob("*.safetensors"))) == 2
+    assert saved["timings_s"]["total"] > 0 and len(saved["per_image"]["person"]) == 6
+    assert "| criterion |" in (out / "results.md").read_text()
+    assert len(list((out / "body_ids").glob("*.safetensors"))) == 3
     from PIL import Image
 
     grid = np.asarray(Image.open(out / "grid.png"))

@@ -10,18 +10,20 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
+from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, fit_body_prior, save_body_encoder
 from bolid.dataset import (
     DatasetCacheError,
+    IdentityCache,
     Stage1Dataset,
     config_summary,
     dataset_config_from_dict,
+    identity_target_statistics,
     load_identity_caches,
     prepare_dataset,
     stage1_collate,
@@ -61,7 +63,8 @@ class Stage1TrainingConfig:
     kl_weight: float = 1e-3
     kl_warmup_steps: int = 1000
     recon_weight: float = 1.0
-    proportion_weight: float = 1.0
+    proportion_weight: float = 1.0  # targets are standardised over people (BodyEncoderConfig), so 1 is O(1)
+    appearance_weight: float = 1.0
     checkpointing_steps: int = 1000
     checkpoints_total_limit: int = 3
     log_every: int = 10
@@ -172,7 +175,11 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
     loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, shuffle=False, drop_last=True,
                                          collate_fn=stage1_collate, num_workers=tc.num_workers,
                                          persistent_workers=False)
-    model = BodyEncoder(config.model)
+    model_config = config.model
+    if not model_config.target_mean:  # standardise the identity targets by their spread over these people
+        mean, std = identity_target_statistics(dataset.identities)
+        model_config = replace(model_config, target_mean=tuple(mean.tolist()), target_std=tuple(std.tolist()))
+    model = BodyEncoder(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
@@ -206,7 +213,7 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
             with accelerator.autocast():
                 losses = model(  # through the wrapper, so DDP syncs gradients on several GPUs
                     batch, kl_weight=kl_weight, recon_weight=tc.recon_weight,
-                    proportion_weight=tc.proportion_weight, generator=gen)
+                    proportion_weight=tc.proportion_weight, appearance_weight=tc.appearance_weight, generator=gen)
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and tc.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
@@ -241,10 +248,32 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
     export_path = out / tc.export_name
     model_hash = ""
     if accelerator.is_main_process:
-        model_hash = _export(accelerator.unwrap_model(model), export_path, config, step)
+        final = accelerator.unwrap_model(model)
+        final.body_prior = fit_body_prior(identity_posterior_means(final, dataset.identities))
+        model_hash = _export(final, export_path, config, step)
         logger.info("BoLID stage 1: exported the encoder to %s (hash %s)", export_path, model_hash)
     accelerator.end_training()
     return {"step": step, "losses": history, "export": export_path, "encoder_hash": model_hash}
+
+
+@torch.no_grad()
+def identity_posterior_means(model: BodyEncoder, identities: list[IdentityCache]) -> torch.Tensor:
+    """c_body of every training identity from all its photos [N, d]: the distribution stage 2 conditions on,
+    stored with the encoder so that Sample Body ID draws from it (posterior means are shrunk towards 0, so
+    N(0, I) draws would be off the adapter's training distribution)."""
+    from bolid.dataset import read_identity_crops
+
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    out = []
+    for cache in identities:
+        crops = read_identity_crops(cache).to(param.device, param.dtype)
+        mu, _ = model.encode(crops[None], cache.keypoints[None].to(param.device, param.dtype),
+                             cache.weights[None].to(param.device, param.dtype))
+        out.append(mu[0].float().cpu())
+    model.train(was_training)
+    return torch.stack(out)
 
 
 def _export(model: BodyEncoder, path: Path, config: Stage1Config, step: int) -> str:

@@ -20,15 +20,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bolid.synthetic import make_identity, render_photo
+from bolid.synthetic import make_identity
 
+from .render_check import TRAINED_BREAKS, break_photo
 from .world_models import (
     ATTRIBUTES,
+    BUILD_SLICE,
     IMAGE_SIZE,
+    UNET_CONFIG,
     CaptionEncoder,
     WorldPoseNet,
     make_base_unet,
     make_train_scheduler,
+    render_world_photo,
     save_module,
     to_model_range,
 )
@@ -41,7 +45,7 @@ def render_batch(rng: np.random.Generator, batch: int, world_seed: int = 0) -> l
     out = []
     for _ in range(batch):
         ident = make_identity(world_seed, int(rng.integers(TRAIN_IDENTITIES)))
-        out.append(render_photo(ident, int(rng.integers(2**31)), size=IMAGE_SIZE))
+        out.append(render_world_photo(ident, int(rng.integers(2**31))))
     return out
 
 
@@ -73,7 +77,11 @@ def gaussian_heatmaps(kp: torch.Tensor, size: int, sigma: float = 1.0) -> torch.
     return h / h.flatten(2).sum(-1).clamp_min(1e-8)[..., None, None]
 
 
-def train_pose(steps: int, batch: int, lr: float, seed: int) -> tuple[WorldPoseNet, list[float]]:
+def train_pose(steps: int, batch: int, lr: float, seed: int, broken_fraction: float = 0.25
+               ) -> tuple[WorldPoseNet, list[float]]:
+    """Keypoints, caption attributes, appearance (skin, hair, build) and render quality. A quarter of each batch
+    is broken on purpose (:data:`render_check.TRAINED_BREAKS`): those images teach the quality head (and, when
+    blank, the keypoint confidence) and carry no keypoint or appearance targets."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = WorldPoseNet()
@@ -83,44 +91,91 @@ def train_pose(steps: int, batch: int, lr: float, seed: int) -> tuple[WorldPoseN
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
         photos = render_batch(rng, batch)
-        x = to_model_range(np.stack([p.image for p in photos]))
+        images = np.stack([p.image for p in photos])
+        broken = rng.random(batch) < broken_fraction
+        blank = np.zeros(batch, dtype=bool)
+        for i in np.nonzero(broken)[0]:
+            kind = TRAINED_BREAKS[int(rng.integers(len(TRAINED_BREAKS)))]
+            blank[i] = kind == "blank"
+            images[i] = break_photo(photos[i], kind, rng, other=photos[(i + 1) % batch])
+        x = degrade(to_model_range(images), rng)
         kp = torch.from_numpy(np.stack([p.keypoints for p in photos]))
-        vis = torch.ones(batch, 17)
-        blank = rng.random(batch) < 0.08  # figure-free backgrounds teach a low confidence
-        for i in np.nonzero(blank)[0]:
-            from bolid.synthetic import background_image
-
-            x[i] = to_model_range(background_image(photos[i].attributes["background"], IMAGE_SIZE)[None])[0]
-            vis[i] = 0
-        x = degrade(x, rng)
+        good = torch.from_numpy(~broken)
         out = net(x)
-        m = vis[..., None]
+        m = good.float()[:, None, None].expand(batch, 17, 1)
         coord = (torch.abs(out["keypoints"][..., :2] - kp[..., :2]) * m).sum() / m.sum().clamp_min(1) / 2
         target = gaussian_heatmaps(kp, IMAGE_SIZE)
         heat = -(target * torch.log(out["heatmaps"] + 1e-8)).sum((2, 3))
-        heat = (heat * vis).sum() / vis.sum().clamp_min(1)
-        bce = F.binary_cross_entropy(out["keypoints"][..., 2].clamp(1e-6, 1 - 1e-6), vis)
-        attr = 0.0
-        keep = torch.from_numpy(~blank)
-        for name, values in ATTRIBUTES.items():
-            labels = torch.tensor([values.index(p.attributes[name]) for p in photos])
-            if name == "background":
-                attr = attr + F.cross_entropy(out[name], labels)
-            elif keep.any():
-                attr = attr + F.cross_entropy(out[name][keep], labels[keep])
-        loss = coord + 0.2 * heat + 0.5 * bce + 0.3 * attr
+        heat = (heat * good.float()[:, None]).sum() / (good.float().sum() * 17).clamp_min(1)
+        conf_rows = torch.from_numpy(~broken | blank)  # clean (confidence 1) or blank (confidence 0)
+        conf_target = torch.from_numpy(~blank).float()[:, None].expand(batch, 17)
+        bce = F.binary_cross_entropy(out["keypoints"][conf_rows][..., 2].clamp(1e-6, 1 - 1e-6), conf_target[conf_rows])
+        quality = F.binary_cross_entropy_with_logits(out["quality"], good.float())
+        attr = F.cross_entropy(out["background"], torch.tensor(  # every image, blank ones too, shows a background
+            [ATTRIBUTES["background"].index(p.attributes["background"]) for p in photos]))
+        if good.any():
+            for name, values in ATTRIBUTES.items():
+                if name != "background":
+                    labels = torch.tensor([values.index(p.attributes[name]) for p in photos])
+                    attr = attr + F.cross_entropy(out[name][good], labels[good])
+            idents = [make_identity(0, p.identity) for p in photos]
+            skin = torch.tensor([i.skin_index for i in idents])
+            hair = torch.tensor([i.hair_index for i in idents])
+            build = torch.from_numpy(np.stack([i.oracle_vector()[BUILD_SLICE] for i in idents]))
+            attr = attr + F.cross_entropy(out["skin"][good], skin[good]) + F.cross_entropy(out["hair"][good], hair[good])
+            attr = attr + 0.5 * F.mse_loss(out["build"][good], build[good])
+        loss = coord + 0.2 * heat + 0.5 * bce + 0.5 * quality + 0.3 * attr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(coord))
         if step % 50 == 0 or step == steps - 1:
-            logger.info("pose %d/%d: coord L1 %.3f px, heat %.3f, attr %.3f", step, steps, float(coord), float(heat),
-                        float(attr))
+            logger.info("pose %d/%d: coord L1 %.3f px, heat %.3f, quality %.3f, attr %.3f", step, steps, float(coord),
+                        float(heat), float(quality), float(attr))
     return net.eval(), losses
 
 
-def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1
-               ) -> tuple[torch.nn.Module, CaptionEncoder, list[float]]:
+def train_appearance(net: WorldPoseNet, steps: int, batch: int, lr: float, seed: int,
+                     broken_fraction: float = 0.25) -> tuple[WorldPoseNet, list[float]]:
+    """Train only the appearance reader and the quality head, on top of the frozen keypoint network."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 5)
+    net.requires_grad_(False)
+    params = [*net.appearance.parameters(), *net.quality.parameters()]
+    for prm in params:
+        prm.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+        photos = render_batch(rng, batch)
+        images = np.stack([p.image for p in photos])
+        broken = rng.random(batch) < broken_fraction
+        for i in np.nonzero(broken)[0]:
+            kind = TRAINED_BREAKS[int(rng.integers(len(TRAINED_BREAKS)))]
+            images[i] = break_photo(photos[i], kind, rng, other=photos[(i + 1) % batch])
+        out = net(degrade(to_model_range(images), rng))
+        good = torch.from_numpy(~broken)
+        idents = [make_identity(0, p.identity) for p in photos]
+        skin = torch.tensor([i.skin_index for i in idents])
+        hair = torch.tensor([i.hair_index for i in idents])
+        build = torch.from_numpy(np.stack([i.oracle_vector()[BUILD_SLICE] for i in idents]))
+        app = F.cross_entropy(out["skin"][good], skin[good]) + F.cross_entropy(out["hair"][good], hair[good]) \
+            + 0.5 * F.mse_loss(out["build"][good], build[good])
+        quality = F.binary_cross_entropy_with_logits(out["quality"], good.float())
+        loss = app + quality
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(app))
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("appearance %d/%d: appearance %.3f, quality %.3f", step, steps, float(app), float(quality))
+    return net.eval(), losses
+
+
+def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1, snapshot: Path | None = None,
+               snapshot_every: int = 500) -> tuple[torch.nn.Module, CaptionEncoder, list[float]]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     unet, text = make_base_unet(), CaptionEncoder()
@@ -131,8 +186,8 @@ def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1
     ema_text = {k: v.detach().clone() for k, v in text.state_dict().items()}
     losses = []
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 200)
+        for g in opt.param_groups:  # warmup, then cosine to a tenth
+            g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
         photos = render_batch(rng, batch)
         x0 = to_model_range(np.stack([p.image for p in photos]))
         caps = [p.caption if rng.random() >= drop else "" for p in photos]
@@ -158,6 +213,14 @@ def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1
         if step % 50 == 0 or step == steps - 1:
             logger.info("base %d/%d: loss %.4f (mean of last 50: %.4f)", step, steps, float(loss),
                         float(np.mean(losses[-50:])))
+        if snapshot is not None and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            # the EMA weights so far, for looking at the model while it trains (not the final result)
+            snap_u, snap_t = make_base_unet(), CaptionEncoder()
+            snap_u.load_state_dict(ema)
+            snap_t.load_state_dict(ema_text)
+            save_module(snap_u, snapshot / "base_unet.snapshot.safetensors", "world_base_unet", {"steps": step + 1})
+            save_module(snap_t, snapshot / "caption_encoder.snapshot.safetensors", "world_caption_encoder",
+                        {"steps": step + 1})
     unet.load_state_dict(ema)
     text.load_state_dict(ema_text)
     return unet.eval(), text.eval(), losses
@@ -170,13 +233,16 @@ def unet_prediction_type() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="training/experiment_assets")
-    p.add_argument("--pose-steps", type=int, default=600)
+    p.add_argument("--pose-steps", type=int, default=1000)
     p.add_argument("--pose-batch", type=int, default=64)
-    p.add_argument("--base-steps", type=int, default=2500)
+    p.add_argument("--base-steps", type=int, default=3000)
     p.add_argument("--base-batch", type=int, default=32)
-    p.add_argument("--base-lr", type=float, default=1e-3)
+    p.add_argument("--base-lr", type=float, default=1.5e-3)
+    p.add_argument("--snapshot-dir", default=None, help="write EMA snapshots here every 500 steps (not committed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=("pose", "base", "both"), default="both")
+    p.add_argument("--appearance-steps", type=int, default=600)
+    p.add_argument("--only", choices=("pose", "appearance", "base", "both"), default="both",
+                   help="appearance: retrain only the pose model's appearance reader and quality head")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default); 1 is much faster on a busy machine")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
@@ -187,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     log_path = out / "pretrain_log.json"
 
     def read_log() -> dict:  # re-read before each write: a pose and a base run may share the folder
-        return json.loads(log_path.read_text()) if log_path.is_file() else {}
+        log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+        return {k: v for k, v in log.items() if k in ("pose", "appearance", "base")}
+
+    def write_log(log: dict) -> None:
+        from bolid.safetensors_io import atomic_write_text
+
+        atomic_write_text(log_path, json.dumps(log, indent=1))
 
     log: dict = {}
     if args.only in ("pose", "both"):
@@ -196,18 +268,40 @@ def main(argv: list[str] | None = None) -> int:
         save_module(net, out / "pose_net.safetensors", "world_pose_net", {"steps": args.pose_steps})
         log = read_log()
         log["pose"] = {"steps": args.pose_steps, "batch": args.pose_batch, "seconds": round(time.time() - t0, 1),
-                       "final_coord_l1_px": float(np.mean(losses[-50:])), "threads": torch.get_num_threads()}
-        log_path.write_text(json.dumps(log, indent=1))
+                       "final_coord_l1_px": float(np.mean(losses[-50:])), "threads": torch.get_num_threads(),
+                       "coord_l1_px_every_50_steps": [round(float(np.mean(losses[i:i + 50])), 4)
+                                                      for i in range(0, len(losses), 50)]}
+        write_log(log)
+    if args.only in ("pose", "appearance", "both"):
+        t0 = time.time()
+        if args.only == "appearance":  # on the saved keypoint network
+            from .world_models import load_module
+
+            net = WorldPoseNet()
+            load_module(net, out / "pose_net.safetensors", "world_pose_net", strict=False)
+        net, losses = train_appearance(net, args.appearance_steps, args.pose_batch, 2e-3, args.seed)
+        save_module(net, out / "pose_net.safetensors", "world_pose_net", {"steps": args.pose_steps,
+                                                                          "appearance_steps": args.appearance_steps})
+        log = read_log()
+        log["appearance"] = {"steps": args.appearance_steps, "batch": args.pose_batch,
+                             "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-50:])),
+                             "loss_every_50_steps": [round(float(np.mean(losses[i:i + 50])), 4)
+                                                     for i in range(0, len(losses), 50)]}
+        write_log(log)
     if args.only in ("base", "both"):
         t0 = time.time()
-        unet, text, losses = train_base(args.base_steps, args.base_batch, args.base_lr, args.seed)
+        unet, text, losses = train_base(args.base_steps, args.base_batch, args.base_lr, args.seed,
+                                        snapshot=Path(args.snapshot_dir) if args.snapshot_dir else None)
         save_module(unet, out / "base_unet.safetensors", "world_base_unet", {"steps": args.base_steps})
         save_module(text, out / "caption_encoder.safetensors", "world_caption_encoder", {"steps": args.base_steps})
         log = read_log()
         log["base"] = {"steps": args.base_steps, "batch": args.base_batch, "lr": args.base_lr,
                        "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-100:])),
-                       "threads": torch.get_num_threads(), "prediction_type": unet_prediction_type()}
-        log_path.write_text(json.dumps(log, indent=1))
+                       "threads": torch.get_num_threads(), "prediction_type": unet_prediction_type(),
+                       "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
+                       "loss_every_100_steps": [round(float(np.mean(losses[i:i + 100])), 5)
+                                                for i in range(0, len(losses), 100)]}
+        write_log(log)
     logger.info("pretrain done: %s", log)
     return 0
 

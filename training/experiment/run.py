@@ -1,24 +1,19 @@
-"""The CPU experiment: does BoLID transfer body identity in the synthetic-people world?
+"""The CPU experiment: does BoLID transfer a body identity, and if not, where does it break?
 
     python -m training.experiment --config training/configs/experiment.toml
 
-Steps (all in-process, on the committed world models of ``training/experiment_assets``, see ``pretrain.py``):
+On the committed world models (``training/experiment_assets``, made by ``pretrain.py``):
 
-1. Render the world (:mod:`bolid.synthetic`): training identities (photos + captions) and HELD-OUT identities
-   (never seen by stage 1, stage 2, the base model or the pose model), each with reference photos and target
-   photos whose captions drive the generation.
-2. Stage 1 (:func:`training.stage1.train_stage1`): the Body-ID VAE on the training identities; the dataset is
-   prepared through the world's pose model (not the renderer's exact keypoints).
-3. Stage 2 (:func:`training.stage2_core.train_stage2_loop`): the adapter on the frozen base model, leave-one-out
-   (the default), and a second adapter trained on the target itself (the target view is among the context
-   views: ``target_in_context``), for the comparison the paper's design argues about.
-4. Generate for every held-out (identity, target caption, seed) under each condition with the same noise, and
-   evaluate with :mod:`training.evaluate` / :mod:`bolid.metrics`: body error (proportions through the pose model
-   vs the identity's reference photos), body found, caption-attribute accuracy (the world's CLIP-T stand-in: the
-   pose model's attribute heads read pose/view/clothes/background back), FID in pose-model feature space.
-   Paired differences against text only (same caption, same noise) come with their standard errors.
+1. Render the world (:mod:`bolid.synthetic`): training people, and HELD-OUT people never seen by any training,
+   each with reference photos (their Body ID) and target photos (whose captions drive generation).
+2. Stage 1: the Body-ID VAE on the training people; checked on the held-out people (do disjoint photo halves
+   identify each other? does the proportion head beat the population mean?).
+3. Stage 2, one recipe for every arm (the oracle ladder): the adapter conditioned on the true identity vector
+   (oracle), on c_body (BoLID, leave-one-out), and on c_body shuffled across people (control); optional ablations.
+4. Generate every (held-out person, target caption, seed) under every arm with the same noise, read every image
+   with the world's pose model (:mod:`.readout`), and compare with person-clustered statistics (:mod:`.stats`).
 
-Writes ``results.{md,csv,json}``, ``results_*.png`` plots and ``grid.png`` into the output folder.
+Writes ``results.json`` (every number the README quotes), ``results.md``, and ``grid.png``.
 """
 
 from __future__ import annotations
@@ -26,366 +21,257 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from bolid.body_encoder import BodyEncoder, crop_person, encode_body, load_body_encoder
 from bolid.body_id_io import load_body_id, save_body_id
-from bolid.diffusers_integration import BoLIDDiffusers, adapter_config_for_unet, init_adapter_from_unet
-from bolid.keypoints import PersonPose
-from bolid.synthetic import SyntheticPhoto, make_identity, render_photo
+from bolid.metrics import body_consistency, fid_from_features, reference_proportions
+from bolid.safetensors_io import atomic_write_text
+from bolid.synthetic import ORACLE_DIM, make_identity
 
-from ..evaluate import evaluate_condition, identity_references, write_report
-from .world_models import (
-    ATTRIBUTES,
-    IMAGE_SIZE,
-    CaptionEncoder,
-    WorldPoseNet,
-    load_module,
-    make_base_unet,
-    make_sample_scheduler,
-    make_train_scheduler,
-    to_model_range,
-    to_uint8,
+from . import stats
+from .config import ExperimentConfig
+from .readout import Readout, WorldPose
+from .stages import (
+    body_branch_response,
+    body_of,
+    generate,
+    load_world_models,
+    render_world,
+    run_stage1,
+    stage2_identities,
+    train_adapter,
 )
+from .world_models import ATTRIBUTES, IMAGE_SIZE
 
 logger = logging.getLogger("bolid.experiment")
-HELDOUT_OFFSET = 1_000_000  # held-out identity indices start here (pretraining uses 0 .. 49_999)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-# ----------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class Arm:
+    """One condition of the ladder: which adapter, and which body condition per held-out person."""
+
+    key: str
+    label: str
+    adapter: str | None  # None = text only; else a key of the trained adapters
+    body: str | None  # a key of the body tables (own / another person's / drawn ...)
+    donor_shift: int = 0  # the body belongs to held-out person (k + donor_shift) % P
+
+
+REAL = Arm("real", "real held-out photos (measurement floor)", None, None)
+TEXT = Arm("text", "text only (base model)", None, None)
+
+
+def arms_for(cfg: ExperimentConfig) -> list[Arm]:
+    arms = [TEXT,
+            Arm("oracle", "oracle: true identity vector", "oracle", "oracle"),
+            Arm("oracle_swapped", "oracle, another person's vector", "oracle", "oracle", 1),
+            Arm("bolid", "BoLID, multi-view Body ID", "bolid", "multi"),
+            Arm("bolid_single", "BoLID, single photo", "bolid", "single"),
+            Arm("bolid_stored", "BoLID, stored Body ID (file, text-only mode)", "bolid", "stored"),
+            Arm("bolid_swapped", "BoLID, another person's Body ID", "bolid", "multi", 1),
+            Arm("bolid_sampled", "BoLID, Sample Body ID (stored distribution)", "bolid", "sampled")]
+    if cfg.arms.shuffled_control:
+        arms.append(Arm("shuffled", "control: adapter trained on shuffled c_body", "shuffled", "multi"))
+    if cfg.arms.no_id_loss:
+        arms.append(Arm("no_id", "ablation: no L_id (id_weight 0)", "no_id", "multi"))
+    if cfg.arms.target_in_context:
+        arms.append(Arm("target_in_context", "ablation: target photo in context", "target_in_context", "multi"))
+    return arms
+
+
+# ----------------------------------------------------------------------------------------------- measuring
 
 
 @dataclass
-class ExperimentConfig:
-    output_dir: Path
-    assets: Path
-    seed: int = 0
-    threads: int = 0
-    world: dict[str, Any] = field(default_factory=dict)
-    stage1: dict[str, Any] = field(default_factory=dict)
-    stage2: dict[str, Any] = field(default_factory=dict)
-    sampling: dict[str, Any] = field(default_factory=dict)
+class References:
+    """What each held-out person is, as the pose model sees it on their reference photos (and the truth)."""
 
-    @classmethod
-    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-        path = Path(path).resolve()
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-        for key, value in (overrides or {}).items():
-            raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-        base = path.parent
-        known = {"output_dir", "assets", "seed", "threads", "world", "stage1", "stage2", "sampling"}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(output_dir=(base / raw["output_dir"]).resolve(), assets=(base / raw["assets"]).resolve(),
-                   seed=int(raw.get("seed", 0)), threads=int(raw.get("threads", 0)), world=dict(raw["world"]),
-                   stage1=dict(raw["stage1"]), stage2=dict(raw["stage2"]), sampling=dict(raw["sampling"]))
+    names: list[str]
+    proportions: np.ndarray  # [P, 6]
+    proportion_confidence: np.ndarray  # [P, 6]
+    appearance: np.ndarray  # [P, A] mean appearance vector of the reference photos
+    skin: np.ndarray  # [P] true class
+    hair: np.ndarray  # [P]
 
 
-# ----------------------------------------------------------------------------------------------- world models
+def references_of(world: Any, pose: WorldPose, seed: int) -> References:
+    names = sorted(world.heldout)
+    props, confs, apps = [], [], []
+    for name in names:
+        r = pose.read([p.image for p in world.heldout[name].references])
+        p, c = reference_proportions(r.keypoints)
+        props.append(p)
+        confs.append(c)
+        apps.append(r.appearance_vector().mean(0))
+    idents = [world.heldout[n].identity for n in names]
+    return References(names, np.stack(props), np.stack(confs), np.stack(apps),
+                      np.array([i.skin_index for i in idents]), np.array([i.hair_index for i in idents]))
 
 
-class WorldPose:
-    """The world's pose model as everything BoLID wants: a pose runner (PersonPose), a keypoint function for the
-    metrics, and a differentiable pose net for L_id."""
-
-    fingerprint = "world-pose-net"
-
-    def __init__(self, net: WorldPoseNet) -> None:
-        self.net = net.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def keypoints(self, images: list[np.ndarray] | np.ndarray, batch: int = 128) -> np.ndarray:
-        out = []
-        arr = np.stack(list(images))
-        for i in range(0, len(arr), batch):
-            out.append(self.net(to_model_range(arr[i : i + batch]))["keypoints"].numpy())
-        return np.concatenate(out).astype(np.float32)
-
-    @torch.no_grad()
-    def attributes(self, images: list[np.ndarray] | np.ndarray) -> list[dict[str, str]]:
-        arr = np.stack(list(images))
-        return self.net.predict_attributes(to_model_range(arr))
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] -> pooled features (FID in the pose model's feature space)."""
-        return self.net(images.float() / 127.5 - 1.0)["features"]
-
-    def detect(self, images: list[np.ndarray]) -> list[list[PersonPose]]:
-        kp = self.keypoints(images)
-        return [[person_from_keypoints(k)] if k[5:, 2].mean() > 0.3 else [] for k in kp]
-
-    def pose_net(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage-2 L_id: images [B, 3, H, W] in 0..1 -> (xy [B, 17, 2] pixels, confidence [B, 17])."""
-        kp = self.net(images * 2.0 - 1.0)["keypoints"]
-        return kp[..., :2], kp[..., 2]
+def measure(read: Readout, person: np.ndarray, refs: References, truth_attrs: list[dict[str, str]]
+            ) -> dict[str, np.ndarray]:
+    """Per-image measurements; ``person`` [N] is the index of the person each image should show."""
+    n_people = len(refs.names)
+    body_dist = np.stack([body_consistency(read.keypoints, refs.proportions[p], refs.proportion_confidence[p]).errors
+                          for p in range(n_people)], 1)
+    app = read.appearance_vector()
+    app_dist = np.linalg.norm(app[:, None, :] - refs.appearance[None], axis=-1)
+    rows = np.arange(len(person))
+    return {
+        "body_error": body_dist[rows, person],
+        "skin_error": (read.skin.argmax(1) != refs.skin[person]).astype(float),
+        "hair_error": (read.hair.argmax(1) != refs.hair[person]).astype(float),
+        "appearance_distance": app_dist[rows, person],
+        "caption_attributes": np.array([np.mean([r[k] == t[k] for k in ATTRIBUTES])
+                                        for r, t in zip(read.attributes, truth_attrs, strict=True)]),
+        "failed_render": read.failed.astype(float),
+        "body_distances": body_dist,
+        "appearance_distances": app_dist,
+    }
 
 
-def person_from_keypoints(kp: np.ndarray, pad: float = 2.0) -> PersonPose:
-    lo, hi = kp[:, :2].min(0) - pad, kp[:, :2].max(0) + pad
-    return PersonPose(box=np.concatenate([lo, hi]), score=float(kp[:, 2].mean()), keypoints=kp)
+PER_IMAGE_METRICS = ("body_error", "skin_error", "hair_error", "appearance_distance", "caption_attributes",
+                     "failed_render")
 
 
-class _FeatureModule(torch.nn.Module):
-    def __init__(self, pose: WorldPose) -> None:
-        super().__init__()
-        self.pose = pose
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pose.features(x)
-
-
-def load_world(assets: Path) -> tuple[torch.nn.Module, CaptionEncoder, WorldPose]:
-    unet, text, pose = make_base_unet(), CaptionEncoder(), WorldPoseNet()
-    load_module(unet, assets / "base_unet.safetensors", "world_base_unet")
-    load_module(text, assets / "caption_encoder.safetensors", "world_caption_encoder")
-    load_module(pose, assets / "pose_net.safetensors", "world_pose_net")
-    for m in (unet, text, pose):
-        m.eval().requires_grad_(False)
-    return unet, text, WorldPose(pose)
+def _safely(fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """A statistic, or {"undefined": why} when the data cannot give it (e.g. every body unreadable)."""
+    try:
+        return fn(*args, **kwargs)
+    except stats.StatisticsInputError as exc:
+        return {"undefined": str(exc)}
 
 
-# ----------------------------------------------------------------------------------------------- data
+def _get(d: Any, *keys: str) -> float:
+    """A nested number of a results dict, NaN when any level is missing (an undefined statistic)."""
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return float("nan")
+        d = d[k]
+    return float(d)
 
 
-def render_world(cfg: ExperimentConfig) -> dict[str, Any]:
-    w = cfg.world
-    seed = cfg.seed
-    train = {}
-    for i in range(int(w["train_identities"])):
-        ident = make_identity(seed, i)
-        train[f"train_{i:03d}"] = [render_photo(ident, seed * 7919 + j, size=IMAGE_SIZE)
-                                   for j in range(int(w["photos_per_identity"]))]
-    held = {}
-    n_ref, n_tgt = int(w["heldout_reference_photos"]), int(w["heldout_target_photos"])
-    for k in range(int(w["heldout_identities"])):
-        ident = make_identity(seed, HELDOUT_OFFSET + k)
-        photos = [render_photo(ident, seed * 7919 + 500 + j, size=IMAGE_SIZE) for j in range(n_ref + n_tgt)]
-        held[f"heldout_{k:03d}"] = {"identity": ident, "references": photos[:n_ref], "targets": photos[n_ref:]}
-    return {"train": train, "heldout": held}
+def analyse_arm(m: dict[str, np.ndarray], person: np.ndarray, features: np.ndarray, real_features: np.ndarray,
+                base: dict[str, np.ndarray] | None, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Summaries (mean and median with person-clustered CIs), identification with permutation p-values, and
+    paired comparisons against text only (same caption and noise)."""
+    st = cfg.stats
+    kw = {"n_boot": st.n_boot, "ci": st.ci, "seed": cfg.seed}
+    out: dict[str, Any] = {"summary": {k: _safely(stats.summarise, m[k], person, **kw) for k in PER_IMAGE_METRICS}}
+    out["fid_pose_features"] = fid_from_features(real_features, features)
+    for what in ("appearance", "body"):
+        d = m[f"{what}_distances"]
+        cand = np.arange(d.shape[1])
+        ident = _safely(stats.identification, d, person, cand)
+        perm = _safely(stats.permutation_pvalue_identification, d, person, n_perm=st.n_perm, seed=cfg.seed,
+                       candidate_persons=cand)
+        gap = _safely(stats.own_minus_others, d, person, cand, **kw)
+        gap_p = _safely(stats.permutation_pvalue_own_minus_others, d, person, n_perm=st.n_perm, seed=cfg.seed,
+                        candidate_persons=cand)
+        out[f"{what}_identification"] = {k: v for k, v in ident.items() if k != "ranks"} | {
+            "p_value": perm.get("p_value"), "null_mean": perm.get("null_mean")}
+        out[f"{what}_own_minus_others"] = {**gap.get("summary", gap), "p_value": gap_p.get("p_value")}
+    if base is not None:
+        out["vs_text_only"] = {k: _safely(stats.paired_difference, m[k], base[k], person, **kw)
+                               for k in ("body_error", "skin_error", "hair_error", "caption_attributes")}
+    return out
 
 
-def write_identity_folders(train: dict[str, list[SyntheticPhoto]], root: Path) -> None:
-    from PIL import Image
-
-    for name, photos in train.items():
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for j, p in enumerate(photos):
-            Image.fromarray(p.image).save(folder / f"{j:02d}.png")
-            (folder / f"{j:02d}.txt").write_text(p.caption, encoding="utf-8")
+def identified_as(distances: np.ndarray, person: np.ndarray) -> float:
+    """Share of images whose nearest reference is ``person`` (e.g. the donor of a swapped Body ID)."""
+    return float(np.mean(np.nanargmin(np.where(np.isfinite(distances), distances, np.inf), 1) == person))
 
 
-# ----------------------------------------------------------------------------------------------- stage 1
+# ----------------------------------------------------------------------------------------------- stage-1 checks
 
 
-def run_stage1(cfg: ExperimentConfig, world: dict[str, Any], pose: WorldPose) -> BodyEncoder:
-    from training.stage1 import Stage1Config, train_stage1
-
-    root = cfg.output_dir / "data" / "train"
-    write_identity_folders(world["train"], root)
-    s1 = dict(cfg.stage1)
-    model = {k: s1.pop(k) for k in ("latent_dim", "crop_size", "decoder_size", "width", "hidden") if k in s1}
-    raw = {"stage": 1, "output_dir": str(cfg.output_dir / "stage1"), "seed": cfg.seed, "model": model,
-           "dataset": {"cache_dir": str(cfg.output_dir / "stage1_cache"), "min_resolution": IMAGE_SIZE,
-                       "crop_size": model.get("crop_size", 32), "max_context_views": 4,
-                       "subsets": [{"root": str(root)}]},
-           "training": {"warmup_steps": 20, "kl_warmup_steps": 50, "num_workers": 0, "report_to": "none",
-                        "checkpointing_steps": 10**9, "checkpoints_total_limit": 1, **s1}}
-    result = train_stage1(Stage1Config.from_dict(raw), pose_runner=pose)
-    logger.info("stage 1: %d steps, last losses %s", result["step"], result["losses"][-3:])
-    return load_body_encoder(result["export"])
-
-
-def view_posteriors(encoder: BodyEncoder, photos: list[SyntheticPhoto], pose: WorldPose
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
-    """Per-view (mu, logvar), weights and pose-model keypoints (image pixels), as encode_body would see them."""
-    images = [p.image for p in photos]
-    kps = pose.keypoints(images)
-    crops, crop_kps = [], []
-    for im, kp in zip(images, kps, strict=True):
-        c, ck = crop_person(im, person_from_keypoints(kp), encoder.config.crop_size, encoder.config.crop_margin)
-        crops.append(c)
-        crop_kps.append(ck)
-    crop_t = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
+def stage1_checks(cfg: ExperimentConfig, world: Any, encoder: Any, pose: WorldPose, names: list[str]
+                  ) -> dict[str, Any]:
+    """On held-out people: do disjoint halves of their photos identify each other (nearest c_body)? Does the
+    proportion head beat the population mean, against the same targets?"""
+    half = cfg.world.heldout_reference_photos // 2
+    a = torch.stack([body_of(encoder, world.heldout[n].references[:half], pose) for n in names]).numpy()
+    b = torch.stack([body_of(encoder, world.heldout[n].references[half:], pose) for n in names]).numpy()
+    dist = np.linalg.norm(a[:, None] - b[None], axis=-1)
+    idx = np.arange(len(names))
+    ident = stats.identification(dist, idx, idx)
+    perm = stats.permutation_pvalue_identification(dist, idx, n_perm=cfg.stats.n_perm, seed=cfg.seed,
+                                                   candidate_persons=idx)
+    full = torch.stack([body_of(encoder, world.heldout[n].references, pose) for n in names])
     with torch.no_grad():
-        mu, logvar = encoder.encode_views(crop_t, torch.from_numpy(np.stack(crop_kps)))
-    weights = torch.from_numpy(kps[:, 5:, 2].mean(1)).float()
-    return mu, logvar, weights, kps
+        predicted = encoder.predict_proportions(full).double().numpy()
+    truth = np.stack([world.heldout[n].identity.proportion_vector() for n in names])
+    train_mean = np.mean([make_identity(cfg.seed, i).proportion_vector()
+                          for i in range(cfg.world.train_identities)], axis=0)
+    # like for like: the head was trained on proportions *measured* by the pose model, so compare against the
+    # measured proportions of photos the encoder did not see (the targets), as well as against the truth
+    measured = np.stack([reference_proportions(pose.keypoints([p.image for p in world.heldout[n].targets]))[0]
+                         for n in names])
+    measured_train_mean = measured_mean_of_training(world, pose)
+
+    def rms(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((x - y) ** 2)))
+
+    head = {"vs_truth": {"head_rms": rms(predicted, truth), "population_mean_rms": rms(train_mean, truth)},
+            "vs_measured_on_unseen_photos": {"head_rms": rms(predicted, measured),
+                                             "population_mean_rms": rms(measured_train_mean, measured)}}
+    for v in head.values():
+        v["improvement"] = 1.0 - v["head_rms"] / v["population_mean_rms"]
+    return {"halves_identification": {k: v for k, v in ident.items() if k != "ranks"} | {"p_value": perm["p_value"]},
+            "photos_per_half": half, "proportion_head": head,
+            "c_body_norm_heldout_mean": float(full.norm(dim=1).mean())}
 
 
-# ----------------------------------------------------------------------------------------------- stage 2
+def measured_mean_of_training(world: Any, pose: WorldPose) -> np.ndarray:
+    per_person = [reference_proportions(pose.keypoints([p.image for p in photos]))[0]
+                  for photos in world.train.values()]
+    return np.mean(per_person, axis=0)
 
 
-def run_stage2(cfg: ExperimentConfig, world: dict[str, Any], encoder: BodyEncoder, unet: torch.nn.Module,
-               text: CaptionEncoder, pose: WorldPose, target_in_context: bool) -> tuple[Any, list[dict]]:
-    from training.stage2_core import (
-        LossConfig,
-        SamplingConfig,
-        Stage2Components,
-        Stage2Data,
-        Stage2Identity,
-        Stage2TrainingConfig,
-        train_stage2_loop,
-    )
-
-    s2 = cfg.stage2
-    identities = []
-    for name, photos in world["train"].items():
-        mu, logvar, weights, kps = view_posteriors(encoder, photos, pose)
-        samples = [t for t in to_model_range(np.stack([p.image for p in photos]))]
-        identities.append(Stage2Identity(name=name, samples=samples, captions=[p.caption for p in photos],
-                                         body_mu=mu, body_logvar=logvar, body_weights=weights,
-                                         keypoints=torch.from_numpy(kps)))
-    components = Stage2Components(unet=unet, noise_scheduler=make_train_scheduler(), vae=None,
-                                  encode_text=lambda caps: (text(list(caps)), None), pose_net=pose.pose_net,
-                                  base_model="synthetic-world-base")
-    sampling = SamplingConfig(max_context_views=int(s2.get("max_context_views", 4)), seed=cfg.seed,
-                              drop_text=float(s2.get("drop_text", 0.05)), drop_face=0.0,
-                              drop_body=float(s2.get("drop_body", 0.05)), drop_all=float(s2.get("drop_all", 0.05)))
-    data = Stage2Data(identities, sampling, components=components)
-    if target_in_context:
-        data = _TargetInContext(data)
-    adapter = init_adapter_from_unet(unet, adapter_config_for_unet(
-        unet, body_dim=encoder.latent_dim, body_tokens=int(s2.get("body_tokens", 4)), face_tokens=1))
-    tc = Stage2TrainingConfig(max_steps=int(s2["max_steps"]), batch_size=int(s2["batch_size"]),
-                              learning_rate=float(s2["learning_rate"]), warmup_steps=int(s2.get("warmup_steps", 20)),
-                              lr_schedule="cosine", report_to="none", export_ip_adapter=False)
-    lc = LossConfig(id_weight=float(s2.get("id_weight", 0.0)), id_max_timestep=int(s2.get("id_max_timestep", 400)))
-    result = train_stage2_loop(components, adapter, data, tc, lc, output_dir=None, seed=cfg.seed)
-    return result["adapter"].eval().requires_grad_(False), result["losses"]
+# ----------------------------------------------------------------------------------------------- criteria
 
 
-class _TargetInContext:
-    """Stage2Data whose context views always include the target itself ("training on the target"), the
-    counterpart of leave-one-out: c_body may then carry the target photo's own appearance."""
+def criteria(results: dict[str, Any], chance: float) -> dict[str, dict[str, Any]]:
+    """Issue 10's "done when" targets, each with the measured value and whether it was met (an undefined
+    statistic is NaN and not met)."""
+    arms = results["arms"]
+    bolid, text, single = arms["bolid"], arms["text"], arms["bolid_single"]
+    out: dict[str, dict[str, Any]] = {}
 
-    def __init__(self, data: Any) -> None:
-        self._data = data
+    def add(name: str, value: Any, target: str, met: bool) -> None:
+        out[name] = {"value": value, "target": target, "met": bool(met)}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._data, name)
-
-    def batch(self, index: int, batch_size: int) -> dict[str, Any]:
-        from bolid.body_encoder import aggregate_views
-
-        batch = self._data.batch(index, batch_size)
-        bodies = []
-        for r in range(batch_size):
-            ident = self._data.identities[batch["identity_index"][r]]
-            ctx = sorted({*batch["context_indices"][r], batch["target_index"][r]})
-            mu, _ = aggregate_views(ident.body_mu[ctx].float(), ident.body_logvar[ctx].float(),
-                                    ident.body_weights[ctx].float(), self._data.sampling.prior_expert)
-            bodies.append(mu if bool(batch["body_present"][r]) else torch.zeros_like(mu))
-        batch["body"] = torch.stack(bodies)
-        return batch
-
-
-# ----------------------------------------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], seeds: list[int],
-             adapter: Any = None, bodies: torch.Tensor | None = None, steps: int = 20, guidance: float = 3.0,
-             batch: int = 64) -> np.ndarray:
-    """DDIM with classifier-free guidance; the unconditional branch has no text and (with an adapter) a zero
-    body, as in training's condition dropout. Same seed -> same initial noise in every condition."""
-    out = []
-    empty = text([""])
-    for start in range(0, len(captions), batch):
-        caps = captions[start : start + batch]
-        n = len(caps)
-        sched = make_sample_scheduler()
-        sched.set_timesteps(steps)
-        cond = text(caps)
-        ctx = torch.cat([empty.expand(n, -1, -1), cond])
-        x = torch.stack([torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds[start : start + batch]])
-        controller = None
-        if adapter is not None:
-            controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
-            b = bodies[start : start + batch].float()
-            controller.set_identity(None, torch.cat([torch.zeros_like(b), b]))
-        try:
-            for t in sched.timesteps:
-                pred = unet(torch.cat([x, x]), t, ctx).sample
-                pred = pred[:n] + guidance * (pred[n:] - pred[:n])
-                x = sched.step(pred, t, x).prev_sample
-        finally:
-            if controller is not None:
-                controller.detach()
-        out.append(to_uint8(x))
-    return np.concatenate(out)
+    top1, p_app = _get(bolid, "appearance_identification", "top1"), _get(bolid, "appearance_identification", "p_value")
+    add("appearance_identification_over_chance", top1 / chance, ">= 3 with p < 0.01",
+        top1 >= 3 * chance and p_app < 0.01)
+    for trait in ("skin_error", "hair_error"):
+        b, t = _get(bolid, "summary", trait, "mean", "estimate"), _get(text, "summary", trait, "mean", "estimate")
+        add(f"{trait}_ratio_to_text_only", b / t if t > 0 else float("nan"), "<= 0.5", t > 0 and b <= 0.5 * t)
+    rel = bolid.get("vs_text_only", {}).get("body_error", {}).get("relative")
+    add("body_error_median_change_vs_text_only", rel, "<= -0.25 with CI excluding 0",
+        rel is not None and rel["estimate"] <= -0.25 and rel["hi"] < 0)
+    gap, p_gap = _get(bolid, "body_own_minus_others", "mean", "estimate"), _get(bolid, "body_own_minus_others", "p_value")
+    add("body_own_minus_others", {"mean": gap, "p_value": p_gap}, "< 0 with p < 0.01", gap < 0 and p_gap < 0.01)
+    s_top = _get(single, "appearance_identification", "top1")
+    add("single_photo_vs_multi_view_identification", s_top / top1 if top1 > 0 else float("nan"),
+        ">= 0.8 (within 20%)", top1 > 0 and s_top >= 0.8 * top1)
+    diff = results["stored_vs_multiview_max_pixel_diff"]
+    add("stored_equals_multi_view_max_pixel_diff", diff, "0", diff == 0)
+    drop = _get(text, "summary", "caption_attributes", "mean", "estimate") - \
+        _get(bolid, "summary", "caption_attributes", "mean", "estimate")
+    add("caption_attribute_drop_vs_text_only", drop, "<= 0.02", drop <= 0.02)
+    return out
 
 
-# ----------------------------------------------------------------------------------------------- evaluation
-
-
-def attribute_accuracy(pred: list[dict[str, str]], truth: list[dict[str, str]]) -> np.ndarray:
-    """Per image: fraction of caption attributes the pose model reads back from the image."""
-    return np.array([np.mean([p[k] == t[k] for k in ATTRIBUTES]) for p, t in zip(pred, truth, strict=True)])
-
-
-def own_minus_others(keypoints: np.ndarray, identities: list[str],
-                     references: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Per image: body error against its own identity minus the mean error against the other held-out
-    identities. Negative = the generated body is closer to its own identity than to other people (identity-
-    specific); ~0 = no identity information, whatever the absolute error."""
-    from bolid.metrics import body_consistency
-
-    names = sorted(references)
-    errs = np.stack([body_consistency(keypoints, references[n][0], references[n][1]).errors for n in names], 1)
-    own = np.array([names.index(i) for i in identities])
-    mask = np.ones_like(errs, dtype=bool)
-    mask[np.arange(len(own)), own] = False
-    others = np.where(mask, errs, np.nan)
-    return errs[np.arange(len(own)), own] - np.nanmean(others, 1)
-
-
-def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    ok = np.isfinite(a) & np.isfinite(b)
-    d = a[ok] - b[ok]
-    if len(d) < 2:
-        return float("nan"), float("nan")
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-
-
-def grid_image(rows: list[list[np.ndarray]], labels: list[str], path: Path, scale: int = 3) -> None:
-    """A labelled PNG grid: one row per held-out identity, one column per condition."""
-    from PIL import Image, ImageDraw
-
-    cell = IMAGE_SIZE * scale
-    pad = 4
-    head = 28
-    w = len(labels) * (cell + pad) + pad
-    h = head + len(rows) * (cell + pad) + pad
-    canvas = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for c, label in enumerate(labels):
-        x = pad + c * (cell + pad)
-        for k, part in enumerate(label.split("\n")[:2]):
-            draw.text((x, 2 + 12 * k), part[:16], fill=(0, 0, 0))
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            tile = Image.fromarray(im).resize((cell, cell), Image.Resampling.NEAREST)
-            canvas.paste(tile, (pad + c * (cell + pad), head + pad + r * (cell + pad)))
-    canvas.save(path)
+# ----------------------------------------------------------------------------------------------- run
 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -402,142 +288,199 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         logger.info("experiment: %s done in %.1f s", name, timings[name])
 
     t0 = time.time()
-    unet, text, pose = load_world(cfg.assets)
+    unet, text, pose = load_world_models(cfg.assets)
     world = render_world(cfg)
+    names = sorted(world.heldout)
     lap("world", t0)
 
     t0 = time.time()
-    encoder = run_stage1(cfg, world, pose)
+    encoder, stage1_losses = run_stage1(cfg, world, pose)
+    s1 = stage1_checks(cfg, world, encoder, pose, names)
     lap("stage1", t0)
 
-    t0 = time.time()
-    adapter_loo, losses_loo = run_stage2(cfg, world, encoder, unet, text, pose, target_in_context=False)
-    lap("stage2_leave_one_out", t0)
-    adapter_self = None
-    if cfg.stage2.get("compare_target_in_context", True):
+    adapters: dict[str, Any] = {}
+    stage2_losses: dict[str, list] = {}
+    plan = [("oracle", "oracle", None, False), ("bolid", "bolid", None, False)]
+    if cfg.arms.shuffled_control:
+        plan.append(("shuffled", "shuffled", None, False))
+    if cfg.arms.no_id_loss:
+        plan.append(("no_id", "bolid", 0.0, False))
+    if cfg.arms.target_in_context:
+        plan.append(("target_in_context", "bolid", None, True))
+    identity_sets: dict[str, list] = {}
+    for key, body, id_weight, in_context in plan:
         t0 = time.time()
-        adapter_self, _ = run_stage2(cfg, world, encoder, unet, text, pose, target_in_context=True)
-        lap("stage2_target_in_context", t0)
+        if body not in identity_sets:
+            identity_sets[body] = stage2_identities(world, pose, None if body == "oracle" else encoder, cfg.seed, body)
+        dim = ORACLE_DIM if body == "oracle" else encoder.latent_dim
+        adapters[key], losses = train_adapter(cfg, identity_sets[body], dim, unet, text, pose, id_weight, in_context)
+        stage2_losses[key] = [round(float(r["loss"]), 5) for r in losses[-20:]]
+        lap(f"stage2_{key}", t0)
 
-    # ---------------------------------------------------------------- conditions on held-out identities
+    # ---------------------------------------------------------------- body conditions of the held-out people
     t0 = time.time()
-    smp = cfg.sampling
-    steps, guidance = int(smp["steps"]), float(smp["guidance"])
-    n_seeds = int(smp.get("seeds_per_caption", 1))
-    held = world["heldout"]
-    names = sorted(held)
     ids_dir = out / "body_ids"
     ids_dir.mkdir(exist_ok=True)
-    ref_kp, multi, single, stored, truth_attrs = {}, {}, {}, {}, []
+    tables: dict[str, dict[str, torch.Tensor]] = {"multi": {}, "single": {}, "stored": {}, "oracle": {}}
     for name in names:
-        refs = held[name]["references"]
-        images = [p.image for p in refs]
+        held = world.heldout[name]
+        tables["multi"][name] = body_of(encoder, held.references, pose)
+        tables["single"][name] = body_of(encoder, held.references[:1], pose)
+        tables["oracle"][name] = torch.from_numpy(held.identity.oracle_vector())
+    # text-only mode: the Body ID goes through its file (the real encode_body + save/load path)
+    from bolid.body_encoder import encode_body
+
+    from .readout import person_from_keypoints
+
+    for name in names:
+        images = [p.image for p in world.heldout[name].references]
         poses = [person_from_keypoints(k) for k in pose.keypoints(images)]
-        ref_kp[name] = np.stack([p.keypoints for p in poses])
         res = encode_body(encoder, images, poses, names=[f"{name}/{j}" for j in range(len(images))])
-        multi[name] = res.body_id.c_body
-        single[name] = encode_body(encoder, images[:1], poses[:1]).body_id.c_body
         path = save_body_id(res.body_id, ids_dir / f"{name}.safetensors", overwrite=True)
-        stored[name] = load_body_id(path).c_body  # text-only mode: the identity comes back from its file
-    references = identity_references(ref_kp)
-    rows_id, captions, seeds, targets = [], [], [], []
+        tables["stored"][name] = load_body_id(path).c_body
+    drawn = encoder.sample_bodies(len(names), torch.Generator().manual_seed(cfg.seed))
+    tables["sampled"] = {name: drawn[k] for k, name in enumerate(names)}
+
+    rows_person, captions, seeds, truth_attrs, target_images = [], [], [], [], []
     for k, name in enumerate(names):
-        for j, tgt in enumerate(held[name]["targets"]):
-            for s in range(n_seeds):
-                rows_id.append(name)
+        for j, tgt in enumerate(world.heldout[name].targets):
+            for s in range(cfg.sampling.seeds_per_caption):
+                rows_person.append(k)
                 captions.append(tgt.caption)
                 seeds.append(cfg.seed * 100_003 + k * 1000 + j * 10 + s)
-                targets.append(tgt)
                 truth_attrs.append(tgt.attributes)
-    wrong = {name: multi[names[(i + 1) % len(names)]] for i, name in enumerate(names)}
+                target_images.append(tgt.image)
+    person = np.array(rows_person)
+    n_people = len(names)
 
-    def stack(table: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([table[n] for n in rows_id])
+    def bodies(arm: Arm) -> torch.Tensor:
+        table = tables[arm.body]
+        return torch.stack([table[names[(p + arm.donor_shift) % n_people]] for p in person])
 
-    conditions: list[tuple[str, Any, torch.Tensor | None]] = [
-        ("text only (base model)", None, None),
-        ("BoLID, multi-view Body ID", adapter_loo, stack(multi)),
-        ("BoLID, single photo", adapter_loo, stack(single)),
-        ("BoLID, stored Body ID (file, text-only mode)", adapter_loo, stack(stored)),
-        ("BoLID, another person's Body ID (control)", adapter_loo, stack(wrong)),
-    ]
-    if adapter_self is not None:
-        conditions.append(("BoLID trained on the target itself, multi-view", adapter_self, stack(multi)))
-    generated = {"real held-out photos (pose-model floor)": np.stack([t.image for t in targets])}
-    for label, adapter, bodies in conditions:
-        generated[label] = generate(unet, text, captions, seeds, adapter, bodies, steps, guidance)
+    smp = cfg.sampling
+    generated: dict[str, np.ndarray] = {"real": np.stack(target_images)}
+    arm_list = arms_for(cfg)
+    for arm in arm_list:
+        ta = time.time()
+        adapter = adapters.get(arm.adapter) if arm.adapter else None
+        generated[arm.key] = generate(unet, text, captions, seeds, adapter, bodies(arm) if adapter else None,
+                                      smp.steps, smp.guidance, smp.batch)
+        timings[f"generate_{arm.key}"] = round(time.time() - ta, 1)
     lap("generation", t0)
 
-    # ---------------------------------------------------------------- metrics
+    # ---------------------------------------------------------------- does the body branch read its input?
     t0 = time.time()
-    real_pool = np.stack([p.image for ps in world["train"].values() for p in ps])
-    feature = _FeatureModule(pose)
-    rows = []
-    base_errors = None
-    for label, images in generated.items():
-        row = evaluate_condition(list(images), rows_id, captions, references, pose.keypoints,
-                                 fid_extractor=feature, real_images=real_pool)
-        acc = attribute_accuracy(pose.attributes(images), truth_attrs)
-        row["attributes"], row["attributes_sem"] = float(acc.mean()), float(acc.std(ddof=1) / math.sqrt(len(acc)))
-        errs = np.asarray(row["per_image"]["body_error"])
-        if label.startswith("text only"):
-            base_errors = errs
-        if base_errors is not None and not label.startswith("real"):
-            row["delta_vs_text"], row["delta_vs_text_sem"] = _paired(errs, base_errors)
-        row["per_image"]["attributes"] = acc.tolist()
-        gap = own_minus_others(pose.keypoints(images), rows_id, references)
-        row["own_vs_others"], row["own_vs_others_sem"] = float(np.nanmean(gap)), _paired(gap, np.zeros_like(gap))[1]
-        row["per_image"]["own_vs_others"] = gap.tolist()
-        rows.append({"condition": label, **row})
-    same = np.abs(generated["BoLID, stored Body ID (file, text-only mode)"].astype(int)
-                  - generated["BoLID, multi-view Body ID"].astype(int)).max()
-    # diagnostics: does c_body hold the body (stage 1)? does the adapter change the images at all (stage 2)?
-    truth = np.stack([held[n]["identity"].proportion_vector() for n in names])
-    with torch.no_grad():
-        predicted = encoder.predict_proportions(torch.stack([multi[n] for n in names])).double().numpy()
-    train_mean = np.mean([make_identity(cfg.seed, i).proportion_vector()
-                          for i in range(int(cfg.world["train_identities"]))], axis=0)
-    mv = generated["BoLID, multi-view Body ID"].astype(np.float64)
-    diagnostics = {
-        "encoder_proportion_rmse_vs_truth": float(np.sqrt(np.mean((predicted - truth) ** 2))),
-        "population_mean_proportion_rmse_vs_truth": float(np.sqrt(np.mean((train_mean - truth) ** 2))),
-        "mean_abs_pixel_change_bolid_vs_text_only": float(np.abs(mv - generated["text only (base model)"]).mean()),
-        "mean_abs_pixel_change_own_vs_other_body_id": float(np.abs(
-            mv - generated["BoLID, another person's Body ID (control)"]).mean()),
-    }
-    true_spread = float(np.mean([np.sqrt(np.mean((held[a]["identity"].proportion_vector()
-                                                  - held[b]["identity"].proportion_vector()) ** 2))
-                                 for a in names for b in names if a != b]))
+    response = {}
+    targets_u8 = np.stack(target_images)
+    for key, adapter in adapters.items():
+        table = tables["oracle" if key == "oracle" else "multi"]
+        own = torch.stack([table[names[p]] for p in person])
+        swapped = torch.stack([table[names[(p + 1) % n_people]] for p in person])
+        ratio = body_branch_response(unet, text, adapter, targets_u8, captions, own, swapped, cfg.seed)
+        response[key] = stats.summarise(ratio, person, n_boot=cfg.stats.n_boot, ci=cfg.stats.ci, seed=cfg.seed)
+    lap("body_branch_response", t0)
+
+    # ---------------------------------------------------------------- measurements and statistics
+    t0 = time.time()
+    refs = references_of(world, pose, cfg.seed)
+    real_features = pose.read(np.stack([p.image for ps in world.train.values() for p in ps])).features
+    measured: dict[str, dict[str, np.ndarray]] = {}
+    reads: dict[str, Readout] = {}
+    for key, images in generated.items():
+        reads[key] = pose.read(images)
+        measured[key] = measure(reads[key], person, refs, truth_attrs)
+    arm_results: dict[str, Any] = {}
+    labels = {a.key: a.label for a in [REAL, *arm_list]}
+    for key in generated:
+        base = measured["text"] if key not in ("text", "real") else None
+        arm_results[key] = {"label": labels[key],
+                            **analyse_arm(measured[key], person, reads[key].features, real_features, base, cfg)}
+    for arm in arm_list:
+        if arm.donor_shift:
+            donor = (person + arm.donor_shift) % n_people
+            arm_results[arm.key]["identified_as_donor"] = {
+                what: identified_as(measured[arm.key][f"{what}_distances"], donor) for what in ("appearance", "body")}
+    stored_diff = int(np.abs(generated["bolid_stored"].astype(int) - generated["bolid"].astype(int)).max())
     lap("metrics", t0)
 
-    titles = {"attributes": "caption attrs ↑", "delta_vs_text": "Δ body err vs text", "fid": "FID (pose feats) ↓",
-              "own_vs_others": "own − others ↓"}
-    columns = ["body_error", "delta_vs_text", "own_vs_others", "body_detected", "attributes", "fid"]
+    results: dict[str, Any] = {
+        "arms": arm_results, "stage1": s1, "body_branch_response": response,
+        "stored_vs_multiview_max_pixel_diff": stored_diff,
+        "chance_identification": 1.0 / n_people, "heldout_people": n_people, "images_per_arm": len(person),
+        "sampled_body_norm_mean": float(drawn.norm(dim=1).mean()),
+        "stage1_final_losses": [round(float(v), 5) for v in stage1_losses[-5:]],
+        "stage2_final_losses": stage2_losses, "config": cfg.as_dict(), "torch_threads": torch.get_num_threads(),
+    }
+    results["criteria"] = criteria(results, 1.0 / n_people)
     timings["total"] = round(time.time() - t_start, 1)
-    extra = {"timings_s": timings, "diagnostics": diagnostics, "stored_vs_multiview_max_pixel_diff": int(same),
-             "heldout_identities": names, "images_per_condition": len(captions),
-             "mean_true_proportion_rms_between_heldout_identities": true_spread,
-             "stage2_final_losses": losses_loo[-5:], "config": {k: v for k, v in vars(cfg).items()
-                                                                if k not in ("output_dir", "assets")},
-             "face_ablations": "skipped: the synthetic world has no faces (heads without facial features)"}
-    paths = write_report(rows, out, columns, titles, plot_metrics=["body_error", "attributes"], extra=extra)
+    results["timings_s"] = timings
+    results["per_image"] = {"person": person.tolist(), "caption": captions, "seed": seeds,
+                            **{key: {k: np.asarray(m[k]).round(5).tolist() for k in PER_IMAGE_METRICS}
+                               for key, m in measured.items()}}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default))
+    atomic_write_text(out / "results.md", markdown(results))
+    grid(generated, world, names, person, out / "grid.png")
+    logger.info("experiment finished in %.1f s; results in %s", timings["total"], out / "results.json")
+    return results
 
-    # ---------------------------------------------------------------- grid: one row per held-out identity
-    labels = ["reference", "target photo", "text only", "BoLID\nmulti-view", "BoLID\nsingle photo",
-              "other person's\nBody ID"] + (["trained on\ntarget"] if adapter_self is not None else [])
-    keys = ["text only (base model)", "BoLID, multi-view Body ID", "BoLID, single photo",
-            "BoLID, another person's Body ID (control)"] + \
-        (["BoLID trained on the target itself, multi-view"] if adapter_self is not None else [])
-    grid_rows = []
-    for name in names:
-        first = rows_id.index(name)
-        grid_rows.append([held[name]["references"][0].image, targets[first].image]
-                         + [generated[k][first] for k in keys])
-    grid_image(grid_rows, labels, out / "grid.png")
-    summary = {"rows": [{k: v for k, v in r.items() if k != "per_image"} for r in rows], **extra,
-               "files": {k: str(v) for k, v in paths.items()} | {"grid": str(out / "grid.png")}}
-    logger.info("experiment finished in %.1f s; results in %s", timings["total"], paths["md"])
-    return summary
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _ci(s: dict[str, Any], digits: int = 3) -> str:
+    if not isinstance(s, dict) or "estimate" not in s:
+        return "n/a"
+    return f"{s['estimate']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results table (medians and means with 95% person-clustered CIs) and the criteria."""
+    lines = ["| arm | body error median | own − others (body) | appearance id top-1 (p) | skin err | hair err | "
+             "caption attrs | failed | FID |", "|---|---|---|---|---|---|---|---|---|"]
+    for a in results["arms"].values():
+        def g(*keys: str, arm: dict = a) -> float:
+            return _get(arm, *keys)
+
+        lines.append(f"| {a['label']} | {_ci(a['summary']['body_error'].get('median'))} | "
+                     f"{g('body_own_minus_others', 'mean', 'estimate'):+.3f} "
+                     f"(p {g('body_own_minus_others', 'p_value'):.3g}) | {g('appearance_identification', 'top1'):.3f} "
+                     f"(p {g('appearance_identification', 'p_value'):.3g}) | "
+                     f"{g('summary', 'skin_error', 'mean', 'estimate'):.2f} | "
+                     f"{g('summary', 'hair_error', 'mean', 'estimate'):.2f} | "
+                     f"{g('summary', 'caption_attributes', 'mean', 'estimate'):.3f} | "
+                     f"{g('summary', 'failed_render', 'mean', 'estimate'):.3f} | {a['fid_pose_features']:.2f} |")
+    lines += ["", "| criterion | value | target | met |", "|---|---|---|---|"]
+    for name, c in results["criteria"].items():
+        lines.append(f"| {name} | {json.dumps(c['value'], default=_json_default)[:80]} | {c['target']} | "
+                     f"{'yes' if c['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def grid(generated: dict[str, np.ndarray], world: Any, names: list[str], person: np.ndarray, path: Path,
+         scale: int = 3, people: int = 12) -> None:
+    """One row per held-out person (the first ``people``), one column per arm (first image of the person)."""
+    from PIL import Image, ImageDraw
+
+    keys = [k for k in ("real", "text", "oracle", "bolid", "bolid_single", "bolid_swapped", "shuffled")
+            if k in generated]
+    cols = ["reference", *keys]
+    cell, pad, head = IMAGE_SIZE * scale, 4, 16
+    canvas = Image.new("RGB", (len(cols) * (cell + pad) + pad, head + people * (cell + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(cols):
+        draw.text((pad + c * (cell + pad), 2), label[:16], fill=(0, 0, 0))
+    for r, name in enumerate(names[:people]):
+        first = int(np.nonzero(person == r)[0][0])
+        row = [world.heldout[name].references[0].image] + [generated[k][first] for k in keys]
+        for c, im in enumerate(row):
+            tile = Image.fromarray(im).resize((cell, cell), Image.Resampling.NEAREST)
+            canvas.paste(tile, (pad + c * (cell + pad), head + pad + r * (cell + pad)))
+    canvas.save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -547,13 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    cfg = ExperimentConfig.load(args.config)
-    if args.output_dir:
-        cfg.output_dir = Path(args.output_dir).resolve()
-    summary = run(cfg)
-    print((Path(summary["files"]["md"])).read_text(encoding="utf-8"))
-    print(json.dumps({k: summary[k] for k in ("timings_s", "diagnostics", "stored_vs_multiview_max_pixel_diff",
-                                              "mean_true_proportion_rms_between_heldout_identities")}, indent=1))
+    overrides = {"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else None
+    cfg = ExperimentConfig.load(args.config, overrides)
+    results = run(cfg)
+    sys.stdout.write(markdown(results))
+    sys.stdout.write(json.dumps({"timings_s": results["timings_s"], "stage1": results["stage1"]}, indent=1,
+                                default=_json_default) + "\n")
     return 0
 
 

@@ -22,15 +22,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bolid.synthetic import BACKGROUNDS, COLOURS, POSES, SHIRTS, TROUSERS, VIEWS, caption_vocabulary, tokenize
+from bolid.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    HAIR_COLOURS,
+    POSES,
+    SHIRTS,
+    SKIN_TONES,
+    TROUSERS,
+    SyntheticIdentity,
+    SyntheticPhoto,
+    caption_vocabulary,
+    render_photo,
+    tokenize,
+)
 
 IMAGE_SIZE = 32
 CONTEXT_DIM = 64
 MAX_TOKENS = 32
+# caption attributes the pose model reads back (the world's CLIP-T stand-in); the world is rendered in front
+# view only (FIXED_ATTRIBUTES), so "view" is not among them
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "pose": POSES, "view": VIEWS, "shirt": SHIRTS, "shirt_colour": tuple(COLOURS), "trousers": TROUSERS,
+    "pose": POSES, "shirt": SHIRTS, "shirt_colour": tuple(COLOURS), "trousers": TROUSERS,
     "trousers_colour": tuple(COLOURS), "background": tuple(BACKGROUNDS),
 }
+FIXED_ATTRIBUTES: dict[str, str] = {"view": "front view"}
+# identity traits the pose model reads back (appearance): class heads, and the build as two z-scores
+IDENTITY_CLASSES: dict[str, int] = {"skin": len(SKIN_TONES), "hair": len(HAIR_COLOURS)}
+BUILD_SLICE = slice(6, 8)  # limb width and waist width inside SyntheticIdentity.oracle_vector
+
+
+def render_world_photo(identity: SyntheticIdentity, photo_seed: int) -> SyntheticPhoto:
+    """One photo of the experiment's world (32 px, front view)."""
+    return render_photo(identity, photo_seed, size=IMAGE_SIZE, attributes=FIXED_ATTRIBUTES)
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -66,12 +90,15 @@ class CaptionEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------- diffusion
 
 
+# Cross-attention at 16x16 and 8x8 (7 layers), as SD1.5 has it at several scales: identity traits of a 32 px
+# figure (head colours, limb lengths) live at 16x16, where an adapter that only reached 8x8 could not act
+# (measured on the previous world). Attention at 32x32 would cost ~4x the whole model on the CPU.
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": IMAGE_SIZE, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
-    "block_out_channels": (16, 32, 64), "norm_num_groups": 8, "cross_attention_dim": CONTEXT_DIM,
+    "block_out_channels": (24, 48, 64), "norm_num_groups": 8, "cross_attention_dim": CONTEXT_DIM,
     "attention_head_dim": 8,
-    "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 }
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
                                     "prediction_type": "v_prediction", "clip_sample": True}
@@ -124,6 +151,31 @@ class _Block(nn.Module):
         return F.silu(h + self.skip(x))
 
 
+class AppearanceReader(nn.Module):
+    """Skin and hair class logits and build z-scores from what lies under the keypoints.
+
+    Colours and full-resolution features are pooled under each keypoint's heatmap, and under the nose heatmap
+    moved up by 2 and 3 pixels (the hair); with the global features they feed a small MLP."""
+
+    def __init__(self, global_dim: int, feature_dim: int = 16, hidden: int = 96) -> None:
+        super().__init__()
+        places = 17 + 2
+        self.mlp = nn.Sequential(nn.Linear(places * (3 + feature_dim) + global_dim, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in IDENTITY_CLASSES.items()})
+        self.build = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor, heatmaps: torch.Tensor, features: torch.Tensor, pooled: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        hm = torch.cat([heatmaps, heatmaps[:, :1].roll(-2, dims=2), heatmaps[:, :1].roll(-3, dims=2)], 1)
+        maps = torch.cat([x, features], 1)  # [B, 3 + F, H, W]
+        pooled_at = torch.einsum("bkhw,bchw->bkc", hm, maps).flatten(1)
+        h = self.mlp(torch.cat([pooled_at, pooled], 1))
+        out = {k: head(h) for k, head in self.heads.items()}
+        out["build"] = self.build(h)
+        return out
+
+
 class WorldPoseNet(nn.Module):
     """32x32 RGB in [-1, 1] -> keypoints [B, 17, 3] (x, y in output pixels; confidence) and attribute logits.
 
@@ -143,6 +195,10 @@ class WorldPoseNet(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(0.0))
         self.vis = nn.Linear(4 * w, 17)
         self.attr_heads = nn.ModuleDict({k: nn.Linear(4 * w, len(v)) for k, v in ATTRIBUTES.items()})
+        # whether the figure is a well-formed person; and its appearance (skin, hair, build), read by a small
+        # head from colours pooled under the keypoint heatmaps (a globally pooled feature dilutes a 3-px head)
+        self.quality = nn.Linear(4 * w, 1)
+        self.appearance = AppearanceReader(4 * w)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         e1 = self.enc1(x)  # 32
@@ -162,6 +218,8 @@ class WorldPoseNet(nn.Module):
         out = {"keypoints": torch.stack([kx, ky, conf], -1), "heatmaps": prob, "features": pooled}
         for name, head in self.attr_heads.items():
             out[name] = head(pooled)
+        out.update(self.appearance(x, prob, d1, pooled))
+        out["quality"] = self.quality(pooled)[:, 0]
         return out
 
     @torch.no_grad()
@@ -181,7 +239,9 @@ def save_module(module: nn.Module, path: str | Path, kind: str, extra: dict[str,
     atomic_save_safetensors(state, path, {"kind": kind, "extra": json.dumps(extra or {}, sort_keys=True)})
 
 
-def load_module(module: nn.Module, path: str | Path, kind: str) -> dict[str, Any]:
+def load_module(module: nn.Module, path: str | Path, kind: str, strict: bool = True) -> dict[str, Any]:
+    """Load weights saved by :func:`save_module`; ``strict=False`` keeps the module's own values for keys the
+    file lacks (used to add a head to a trained network)."""
     from bolid.errors import BoLIDError
     from bolid.safetensors_io import load_safetensors
 
@@ -193,5 +253,5 @@ def load_module(module: nn.Module, path: str | Path, kind: str) -> dict[str, Any
     if meta.get("kind") != kind:
         raise BoLIDError(f"{path}: expected a {kind!r} file, found {meta.get('kind')!r}")
     ref = module.state_dict()
-    module.load_state_dict({k: tensors[k].to(ref[k].dtype) for k in ref}, strict=True)
+    module.load_state_dict({k: tensors[k].to(ref[k].dtype) for k in ref if strict or k in tensors}, strict=strict)
     return json.loads(meta.get("extra", "{}"))

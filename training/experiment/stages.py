@@ -1,0 +1,288 @@
+"""The experiment's moving parts: render the world, train stage 1 and the adapters of every arm, generate.
+
+Every adapter is trained by the same recipe (:func:`train_adapter`, stage 2's own loop) with the same seed; the
+arms differ only in what is fed as the body condition: c_body from the stage-1 encoder (BoLID), the true
+identity vector (oracle), or c_body of a different training person (shuffled control).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bolid.body_encoder import BodyEncoder, aggregate_views, crop_person, load_body_encoder
+from bolid.diffusers_integration import BoLIDDiffusers, adapter_config_for_unet, init_adapter_from_unet
+from bolid.synthetic import SyntheticIdentity, SyntheticPhoto, make_identity
+
+from .config import ExperimentConfig
+from .readout import WorldPose, person_from_keypoints
+from .world_models import (
+    IMAGE_SIZE,
+    CaptionEncoder,
+    WorldPoseNet,
+    load_module,
+    make_base_unet,
+    make_sample_scheduler,
+    make_train_scheduler,
+    render_world_photo,
+    to_model_range,
+    to_uint8,
+)
+
+logger = logging.getLogger("bolid.experiment")
+HELDOUT_OFFSET = 1_000_000  # held-out identity indices start here (pretraining uses 0 .. 49_999)
+ORACLE_LOGVAR = -9.0  # the oracle vector as a per-view posterior with almost no variance: aggregation keeps it
+
+
+@dataclass
+class HeldOut:
+    identity: SyntheticIdentity
+    references: list[SyntheticPhoto]
+    targets: list[SyntheticPhoto]
+
+
+@dataclass
+class World:
+    train: dict[str, list[SyntheticPhoto]]
+    heldout: dict[str, HeldOut]
+
+
+def load_world_models(assets: Path) -> tuple[torch.nn.Module, CaptionEncoder, WorldPose]:
+    unet, text, pose = make_base_unet(), CaptionEncoder(), WorldPoseNet()
+    load_module(unet, assets / "base_unet.safetensors", "world_base_unet")
+    load_module(text, assets / "caption_encoder.safetensors", "world_caption_encoder")
+    load_module(pose, assets / "pose_net.safetensors", "world_pose_net")
+    for m in (unet, text, pose):
+        m.eval().requires_grad_(False)
+    return unet, text, WorldPose(pose)
+
+
+def render_world(cfg: ExperimentConfig) -> World:
+    w, seed = cfg.world, cfg.seed
+    train = {f"train_{i:03d}": [render_world_photo(make_identity(seed, i), seed * 7919 + j)
+                                for j in range(w.photos_per_identity)] for i in range(w.train_identities)}
+    held = {}
+    n_ref, n_tgt = w.heldout_reference_photos, w.heldout_target_photos
+    for k in range(w.heldout_identities):
+        ident = make_identity(seed, HELDOUT_OFFSET + k)
+        photos = [render_world_photo(ident, seed * 7919 + 500 + j) for j in range(n_ref + n_tgt)]
+        held[f"heldout_{k:03d}"] = HeldOut(ident, photos[:n_ref], photos[n_ref:])
+    return World(train, held)
+
+
+def write_identity_folders(train: dict[str, list[SyntheticPhoto]], root: Path) -> None:
+    from PIL import Image
+
+    for name, photos in train.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, p in enumerate(photos):
+            Image.fromarray(p.image).save(folder / f"{j:02d}.png")
+            (folder / f"{j:02d}.txt").write_text(p.caption, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+
+
+def run_stage1(cfg: ExperimentConfig, world: World, pose: WorldPose) -> tuple[BodyEncoder, list[float]]:
+    from training.stage1 import Stage1Config, train_stage1
+
+    root = cfg.output_dir / "data" / "train"
+    write_identity_folders(world.train, root)
+    s1 = cfg.stage1
+    raw = {"stage": 1, "output_dir": str(cfg.output_dir / "stage1"), "seed": cfg.seed, "model": s1.model(),
+           "dataset": {"cache_dir": str(cfg.output_dir / "stage1_cache"), "min_resolution": IMAGE_SIZE,
+                       "crop_size": s1.crop_size, "max_context_views": 4, "subsets": [{"root": str(root)}]},
+           "training": {"warmup_steps": 20, "kl_warmup_steps": 50, "num_workers": 0, "report_to": "none",
+                        "checkpointing_steps": 10**9, "checkpoints_total_limit": 1, **s1.training()}}
+    result = train_stage1(Stage1Config.from_dict(raw), pose_runner=pose)
+    logger.info("stage 1: %d steps, last losses %s", result["step"], result["losses"][-3:])
+    return load_body_encoder(result["export"]), result["losses"]
+
+
+def view_posteriors(encoder: BodyEncoder, photos: list[SyntheticPhoto], pose: WorldPose
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Per-view (mu, logvar), weights and pose-model keypoints (image pixels), as encode_body would see them."""
+    images = [p.image for p in photos]
+    kps = pose.keypoints(images)
+    crops, crop_kps = [], []
+    for im, kp in zip(images, kps, strict=True):
+        c, ck = crop_person(im, person_from_keypoints(kp), encoder.config.crop_size, encoder.config.crop_margin)
+        crops.append(c)
+        crop_kps.append(ck)
+    crop_t = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        mu, logvar = encoder.encode_views(crop_t, torch.from_numpy(np.stack(crop_kps)))
+    weights = torch.from_numpy(kps[:, 5:, 2].mean(1)).float()
+    return mu, logvar, weights, kps
+
+
+def body_of(encoder: BodyEncoder, photos: list[SyntheticPhoto], pose: WorldPose) -> torch.Tensor:
+    """c_body of a photo set (the posterior mean over its views), exactly as encode_body computes it."""
+    mu, logvar, weights, _ = view_posteriors(encoder, photos, pose)
+    c, _ = aggregate_views(mu, logvar, weights, encoder.config.prior_expert)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+
+
+def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None, seed: int,
+                      body: str = "bolid") -> list[Any]:
+    """The training identities for stage 2, with the body condition of one arm.
+
+    body: "bolid" (per-view posteriors of the encoder), "oracle" (the true identity vector, standardised), or
+    "shuffled" (the encoder's posteriors of another training person: a fixed random derangement)."""
+    from training.stage2_core import Stage2Identity
+
+    names = list(world.train)
+    donors = names
+    if body == "shuffled":
+        rng = np.random.default_rng([seed, 77])
+        perm = rng.permutation(len(names))
+        while np.any(perm == np.arange(len(names))):  # nobody keeps their own body
+            perm = rng.permutation(len(names))
+        donors = [names[i] for i in perm]
+    out = []
+    for name, donor in zip(names, donors, strict=True):
+        photos = world.train[name]
+        kps = pose.keypoints([p.image for p in photos])
+        if body == "oracle":
+            vec = torch.from_numpy(make_identity(seed, photos[0].identity).oracle_vector())
+            mu = vec.expand(len(photos), -1).clone()
+            logvar = torch.full_like(mu, ORACLE_LOGVAR)
+            weights = torch.ones(len(photos))
+        else:
+            mu, logvar, weights, _ = view_posteriors(encoder, world.train[donor], pose)
+        samples = list(to_model_range(np.stack([p.image for p in photos])))
+        out.append(Stage2Identity(name=name, samples=samples, captions=[p.caption for p in photos], body_mu=mu,
+                                  body_logvar=logvar, body_weights=weights, keypoints=torch.from_numpy(kps)))
+    return out
+
+
+class TargetInContext:
+    """Stage2Data whose context views always include the target itself (the ablation of leave-one-out)."""
+
+    def __init__(self, data: Any) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, name)
+
+    def batch(self, index: int, batch_size: int) -> dict[str, Any]:
+        batch = self._data.batch(index, batch_size)
+        bodies = []
+        for r in range(batch_size):
+            ident = self._data.identities[batch["identity_index"][r]]
+            ctx = sorted({*batch["context_indices"][r], batch["target_index"][r]})
+            mu, _ = aggregate_views(ident.body_mu[ctx].float(), ident.body_logvar[ctx].float(),
+                                    ident.body_weights[ctx].float(), self._data.sampling.prior_expert)
+            bodies.append(mu if bool(batch["body_present"][r]) else torch.zeros_like(mu))
+        batch["body"] = torch.stack(bodies)
+        return batch
+
+
+def train_adapter(cfg: ExperimentConfig, identities: list[Any], body_dim: int, unet: torch.nn.Module,
+                  text: CaptionEncoder, pose: WorldPose, id_weight: float | None = None,
+                  target_in_context: bool = False) -> tuple[Any, list[dict]]:
+    """One adapter by stage 2's recipe; the face branch (off in generation) is frozen (weight_face = 0)."""
+    from training.stage2_core import (
+        LossConfig,
+        SamplingConfig,
+        Stage2Components,
+        Stage2Data,
+        Stage2TrainingConfig,
+        train_stage2_loop,
+    )
+
+    s2 = cfg.stage2
+    components = Stage2Components(unet=unet, noise_scheduler=make_train_scheduler(), vae=None,
+                                  encode_text=lambda caps: (text(list(caps)), None), pose_net=pose.pose_net,
+                                  base_model="synthetic-world-base")
+    sampling = SamplingConfig(max_context_views=s2.max_context_views, seed=cfg.seed, drop_text=s2.drop_text,
+                              drop_face=0.0, drop_body=s2.drop_body, drop_all=s2.drop_all)
+    data = Stage2Data(identities, sampling, components=components)
+    if target_in_context:
+        data = TargetInContext(data)
+    torch.manual_seed(cfg.seed)
+    adapter = init_adapter_from_unet(unet, adapter_config_for_unet(unet, body_dim=body_dim,
+                                                                   body_tokens=s2.body_tokens, face_tokens=1))
+    tc = Stage2TrainingConfig(max_steps=s2.max_steps, batch_size=s2.batch_size, learning_rate=s2.learning_rate,
+                              warmup_steps=s2.warmup_steps, lr_schedule="cosine", report_to="none",
+                              export_ip_adapter=False)
+    lc = LossConfig(id_weight=s2.id_weight if id_weight is None else id_weight, id_max_timestep=s2.id_max_timestep,
+                    weight_face=0.0, weight_body=1.0)
+    result = train_stage2_loop(components, adapter, data, tc, lc, output_dir=None, seed=cfg.seed)
+    return result["adapter"].eval().requires_grad_(False), result["losses"]
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def initial_noise(seeds: list[int]) -> torch.Tensor:
+    return torch.stack([torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+@torch.no_grad()
+def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], seeds: list[int],
+             adapter: Any = None, bodies: torch.Tensor | None = None, steps: int = 20, guidance: float = 3.0,
+             batch: int = 128) -> np.ndarray:
+    """DDIM with classifier-free guidance; the unconditional branch has no text and (with an adapter) a zero
+    body, as in training's condition dropout. Same seed -> same initial noise in every arm."""
+    out = []
+    empty = text([""])
+    noise = initial_noise(seeds)
+    for start in range(0, len(captions), batch):
+        caps = captions[start : start + batch]
+        n = len(caps)
+        sched = make_sample_scheduler()
+        sched.set_timesteps(steps)
+        ctx = torch.cat([empty.expand(n, -1, -1), text(caps)])
+        x = noise[start : start + batch].clone()
+        controller = None
+        if adapter is not None:
+            controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
+            b = bodies[start : start + batch].float()
+            controller.set_identity(None, torch.cat([torch.zeros_like(b), b]))
+        try:
+            for t in sched.timesteps:
+                pred = unet(torch.cat([x, x]), t, ctx).sample
+                pred = pred[:n] + guidance * (pred[n:] - pred[:n])
+                x = sched.step(pred, t, x).prev_sample
+        finally:
+            if controller is not None:
+                controller.detach()
+        out.append(to_uint8(x))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def body_branch_response(unet: torch.nn.Module, text: CaptionEncoder, adapter: Any, images: np.ndarray,
+                         captions: list[str], own: torch.Tensor, swapped: torch.Tensor, seed: int,
+                         timestep: int = 500) -> np.ndarray:
+    """Does the body branch read its input at all? Per image, at one fixed x_t (same noise for all three):
+    ||f(own) - f(swapped)|| / ||f(own) - f(no body)||. 0: the branch adds the same thing whatever the body
+    (it ignores c_body); ~1 or more: swapping the person changes the output as much as removing the body."""
+    sched = make_train_scheduler()
+    x0 = to_model_range(images)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((len(images),), timestep, dtype=torch.long)
+    xt = sched.add_noise(x0, noise, t)
+    ctx = text(captions)
+    outs = {}
+    for label, body in (("own", own), ("swapped", swapped), ("none", torch.zeros_like(own))):
+        controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
+        try:
+            controller.set_identity(None, body.float())
+            outs[label] = unet(xt, t, ctx).sample
+        finally:
+            controller.detach()
+    num = (outs["own"] - outs["swapped"]).flatten(1).norm(dim=1)
+    den = (outs["own"] - outs["none"]).flatten(1).norm(dim=1).clamp_min(1e-12)
+    return (num / den).numpy()
