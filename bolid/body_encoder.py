@@ -318,7 +318,8 @@ class BodyEncoder(nn.Module):
                                               nn.Linear(hid, self.config.appearance_dim))
                                 if self.config.appearance_dim else None)
         # the distribution of the training identities' posterior means (what stage 2 conditioned on), stored
-        # with the encoder by stage 1; Sample Body ID draws from it. None: unknown (then the prior N(0, I)).
+        # with the encoder by stage 1; Sample Body ID (bolid.body_id_io.sample_body_id) draws from it.
+        # None: unknown (then the prior N(0, I)).
         self.body_prior: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _target_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,15 +333,6 @@ class BodyEncoder(nn.Module):
         """Identity targets [..., 6 (+12)] -> standardised units (population mean 0, spread 1 per value)."""
         mean, std = self._target_stats(targets.device, targets.dtype)
         return (targets - mean[: targets.shape[-1]]) / std[: targets.shape[-1]]
-
-    def sample_bodies(self, count: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
-        """``count`` c_body draws [count, d] from the stored distribution of training identities (or N(0, I)),
-        with the spread around its mean scaled by ``temperature``."""
-        z = torch.randn(count, self.latent_dim, generator=generator) * float(temperature)
-        if self.body_prior is None:
-            return z
-        mean, tril = self.body_prior
-        return mean.float() + z @ tril.float().T
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim

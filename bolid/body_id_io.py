@@ -103,14 +103,28 @@ def load_body_id(path: str | os.PathLike) -> BodyID:
         raise BodyIDFileError(f"{path}: {exc}") from exc
 
 
-def sample_body_id(dim: int, seed: int, encoder_hash: str = "", temperature: float = 1.0) -> BodyID:
-    """A body drawn from the prior N(0, I) (scaled by ``temperature``), reproducible from ``seed`` on any device."""
+def sample_body_id(dim: int, seed: int, encoder_hash: str = "", temperature: float = 1.0,
+                   distribution: tuple[torch.Tensor, torch.Tensor] | None = None) -> BodyID:
+    """A new body, reproducible from ``seed`` on any device.
+
+    ``distribution`` = (mean, Cholesky factor) of the training identities' posterior means, as stage 1 stores it
+    with the encoder (``BodyEncoder.body_prior``): the draw is ``mean + temperature * L z``, a body like the ones
+    the adapter was trained on. Without it the draw is ``temperature * z`` from the prior N(0, I), whose samples
+    lie further from the origin than the (shrunk) posterior means the adapter saw."""
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    c_body = torch.randn(dim, generator=generator) * float(temperature)
-    return BodyID(c_body=c_body, views=(), view_weights=(), encoder_hash=encoder_hash,
-                  extra={"source": "prior", "seed": int(seed), "temperature": float(temperature)})
+    z = torch.randn(dim, generator=generator) * float(temperature)
+    source = "prior"
+    if distribution is not None:
+        mean, tril = distribution
+        if tuple(mean.shape) != (dim,) or tuple(tril.shape) != (dim, dim):
+            raise ValueError(f"the body distribution has shapes {tuple(mean.shape)}, {tuple(tril.shape)}; "
+                             f"expected ({dim},), ({dim}, {dim})")
+        z = mean.float() + tril.float() @ z
+        source = "training identities"
+    return BodyID(c_body=z, views=(), view_weights=(), encoder_hash=encoder_hash,
+                  extra={"source": source, "seed": int(seed), "temperature": float(temperature)})
 
 
 def blend_body_ids(a: BodyID, b: BodyID, t: float, method: Literal["linear", "slerp"] = "linear") -> BodyID:

@@ -239,11 +239,14 @@ class SampleBodyID:
     RETURN_NAMES = ("body_id",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Draws a new body identity from the encoder's prior N(0, I), reproducibly from the seed."
+    DESCRIPTION = ("Draws a new body identity, reproducibly from the seed: from the distribution of the training "
+                   "identities stored with the encoder (what the adapter was trained on), or from N(0, I) for "
+                   "encoders exported without it.")
 
     def sample(self, body_encoder: LoadedBodyEncoder, seed: int, temperature: float) -> tuple[BodyID]:
         body_encoder = _loaded(body_encoder)
-        return (sample_body_id(body_encoder.latent_dim, seed, body_encoder.hash, temperature),)
+        return (sample_body_id(body_encoder.latent_dim, seed, body_encoder.hash, temperature,
+                               body_encoder.model.body_prior),)
 
 
 class BlendBodyIDs:

@@ -18,6 +18,7 @@ from bolid.body_encoder import (
     load_body_encoder,
     save_body_encoder,
 )
+from bolid.body_id_io import sample_body_id
 from bolid.keypoints import flip_index
 from bolid.safetensors_io import atomic_save_safetensors
 
@@ -73,14 +74,17 @@ def test_body_prior_is_stored_with_the_encoder_and_sampled_from(tmp_path):
     digest = save_body_encoder(model, path)
     loaded = load_body_encoder(path)
     assert loaded.body_prior is not None and torch.allclose(loaded.body_prior[0], model.body_prior[0])
-    draws = loaded.sample_bodies(4000, torch.Generator().manual_seed(0))
+    draws = torch.stack([sample_body_id(6, s, distribution=loaded.body_prior).c_body for s in range(3000)])
     assert torch.allclose(draws.mean(0), means.mean(0), atol=0.05)
     assert torch.allclose(draws.std(0), means.std(0), rtol=0.15)
-    assert torch.equal(loaded.sample_bodies(3, torch.Generator().manual_seed(5)),
-                       loaded.sample_bodies(3, torch.Generator().manual_seed(5)))
+    drawn = sample_body_id(6, 5, "h", distribution=loaded.body_prior)
+    assert torch.equal(drawn.c_body, sample_body_id(6, 5, "h", distribution=loaded.body_prior).c_body)
+    assert drawn.extra["source"] == "training identities"
     # without a stored distribution: the prior N(0, I)
-    plain = BodyEncoder(TINY)
-    assert plain.sample_bodies(4000, torch.Generator().manual_seed(0)).std().item() == pytest.approx(1.0, abs=0.05)
+    plain = torch.stack([sample_body_id(6, s).c_body for s in range(3000)])
+    assert plain.std().item() == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError, match="expected"):
+        sample_body_id(5, 0, distribution=loaded.body_prior)
     # a damaged distribution is refused, naming the file
     from bolid.safetensors_io import load_safetensors
 

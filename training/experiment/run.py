@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bolid.body_id_io import load_body_id, save_body_id
+from bolid.body_id_io import load_body_id, sample_body_id, save_body_id
 from bolid.metrics import body_consistency, fid_from_features, reference_proportions
 from bolid.safetensors_io import atomic_write_text
 from bolid.synthetic import ORACLE_DIM, make_identity
@@ -338,8 +338,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         res = encode_body(encoder, images, poses, names=[f"{name}/{j}" for j in range(len(images))])
         path = save_body_id(res.body_id, ids_dir / f"{name}.safetensors", overwrite=True)
         tables["stored"][name] = load_body_id(path).c_body
-    drawn = encoder.sample_bodies(len(names), torch.Generator().manual_seed(cfg.seed))
-    tables["sampled"] = {name: drawn[k] for k, name in enumerate(names)}
+    tables["sampled"] = {name: sample_body_id(encoder.latent_dim, cfg.seed * 1000 + k,
+                                              distribution=encoder.body_prior).c_body for k, name in enumerate(names)}
+    drawn = torch.stack(list(tables["sampled"].values()))
 
     rows_person, captions, seeds, truth_attrs, target_images = [], [], [], [], []
     for k, name in enumerate(names):
