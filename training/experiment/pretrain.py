@@ -1,11 +1,16 @@
 """Train the synthetic world's pose model and base text-to-image model once (their weights are committed).
 
-    python -m training.experiment.pretrain --out training/experiment_assets
+    python -m training.experiment.pretrain --out training/experiment_assets --only pose   # keypoints + readouts
+    python -m training.experiment.pretrain --out training/experiment_assets --only appearance  # reader only
+    python -m training.experiment.pretrain --out training/experiment_assets --only base --threads 2
 
-Both train on photos rendered on the fly from identities 0 .. 49_999 of world seed 0 (the experiment's held-out
-identities are drawn from indices >= 1_000_000, never seen here). Writes ``pose_net.safetensors``,
-``base_unet.safetensors``, ``caption_encoder.safetensors`` (fp16) and ``pretrain_log.json`` (settings, losses,
-run time) into ``--out``.
+Everything trains on photos rendered on the fly from identities 0 .. 49_999 of world seed 0 (the experiment's
+held-out identities are drawn from indices >= 1_000_000, never seen here). The pose model learns keypoints,
+caption attributes and render quality (a quarter of each batch is broken on purpose, see ``render_check``), then
+its appearance reader (skin, hair, build) is trained on top of the frozen keypoint network; ``--only
+appearance`` retrains just that part of a saved pose model. Writes ``pose_net.safetensors``,
+``base_unet.safetensors``, ``caption_encoder.safetensors`` (fp16) and ``pretrain_log.json`` (settings, loss
+curves, run time) into ``--out``.
 """
 
 from __future__ import annotations
@@ -233,9 +238,9 @@ def unet_prediction_type() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="training/experiment_assets")
-    p.add_argument("--pose-steps", type=int, default=1000)
+    p.add_argument("--pose-steps", type=int, default=800)
     p.add_argument("--pose-batch", type=int, default=64)
-    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--base-steps", type=int, default=3500)
     p.add_argument("--base-batch", type=int, default=32)
     p.add_argument("--base-lr", type=float, default=1.5e-3)
     p.add_argument("--snapshot-dir", default=None, help="write EMA snapshots here every 500 steps (not committed)")

@@ -243,11 +243,28 @@ def criteria(results: dict[str, Any], chance: float) -> dict[str, dict[str, Any]
     """Issue 10's "done when" targets, each with the measured value and whether it was met (an undefined
     statistic is NaN and not met)."""
     arms = results["arms"]
-    bolid, text, single = arms["bolid"], arms["text"], arms["bolid_single"]
+    bolid, text, single, real = arms["bolid"], arms["text"], arms["bolid_single"], arms["real"]
     out: dict[str, dict[str, Any]] = {}
 
     def add(name: str, value: Any, target: str, met: bool) -> None:
         out[name] = {"value": value, "target": target, "met": bool(met)}
+
+    # the base model draws the world (text only against real photos)
+    ratio = _get(text, "summary", "caption_attributes", "mean", "estimate") / \
+        _get(real, "summary", "caption_attributes", "mean", "estimate")
+    add("base_caption_attributes_vs_real_floor", ratio, ">= 0.9", ratio >= 0.9)
+    failed = _get(text, "summary", "failed_render", "mean", "estimate")
+    add("base_failed_renders", failed, "<= 0.05", failed <= 0.05)
+    fid_ratio = text["fid_pose_features"] / real["fid_pose_features"]
+    add("base_fid_vs_real_photos", fid_ratio, "<= 1.5", fid_ratio <= 1.5)
+    # stage 1 on new people
+    s1 = results["stage1"]
+    halves = s1["halves_identification"]["top1"]
+    add("stage1_halves_identification_top1", halves, ">= 0.8 among >= 16 people",
+        halves >= 0.8 and s1["halves_identification"]["n_candidates"] >= 16)
+    head = s1["proportion_head"]["vs_truth"]["improvement"]
+    add("stage1_proportion_head_vs_population_mean", head, ">= 0.4 lower RMS", head >= 0.4)
+    # transfer
 
     top1, p_app = _get(bolid, "appearance_identification", "top1"), _get(bolid, "appearance_identification", "p_value")
     add("appearance_identification_over_chance", top1 / chance, ">= 3 with p < 0.01",
