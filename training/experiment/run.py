@@ -428,6 +428,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         "sampled_body_norm_mean": float(drawn.norm(dim=1).mean()),
         "stage1_final_losses": [round(float(v), 5) for v in stage1_losses[-5:]],
         "stage2_final_losses": stage2_losses, "config": cfg.as_dict(), "torch_threads": torch.get_num_threads(),
+        "world_models": _pretrain_summary(cfg.assets),
     }
     results["criteria"] = criteria(results, 1.0 / n_people)
     timings["total"] = round(time.time() - t_start, 1)
@@ -440,6 +441,15 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     grid(generated, world, names, person, out / "grid.png")
     logger.info("experiment finished in %.1f s; results in %s", timings["total"], out / "results.json")
     return results
+
+
+def _pretrain_summary(assets: Path) -> dict[str, Any]:
+    """Settings and run times of the committed world models (their pretrain_log.json, loss curves left out)."""
+    path = assets / "pretrain_log.json"
+    if not path.is_file():
+        return {}
+    log = json.loads(path.read_text(encoding="utf-8"))
+    return {part: {k: v for k, v in entry.items() if not isinstance(v, list)} for part, entry in log.items()}
 
 
 def _json_default(value: Any) -> Any:
