@@ -75,7 +75,8 @@ def launch_two(config: Path, record: Path, watched: Path, *train_args: str) -> d
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(WORKER), str(record), str(watched), "--",
            "--config", str(config), *train_args]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)  # generous: a loaded 2-core machine is slow to import torch in 3 processes
+    # a generous limit: on a loaded 2-core machine three processes importing torch can take minutes
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     out = {}
     for rank in (0, 1):
