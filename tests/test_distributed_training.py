@@ -252,3 +252,14 @@ def test_stage2_two_processes(data, stage2_models, tmp_path):
     assert single.keys() == multi.keys()
     for k in single:
         torch.testing.assert_close(multi[k], single[k], rtol=0, atol=PARAM_ATOL, msg=k)
+
+
+def test_example_accelerate_configs_load():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    single = ClusterConfig.from_yaml_file(REPO_ROOT / "training" / "configs" / "accelerate_multi_gpu.yaml")
+    multi = ClusterConfig.from_yaml_file(REPO_ROOT / "training" / "configs" / "accelerate_multi_node.yaml")
+    assert str(single.distributed_type) == str(multi.distributed_type) == "DistributedType.MULTI_GPU"
+    assert (single.num_machines, single.num_processes) == (1, 4)
+    assert (multi.num_machines, multi.num_processes, multi.main_process_port) == (2, 16, 29500)
+    assert not single.use_cpu and not multi.use_cpu
