@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import fields
@@ -106,3 +107,15 @@ def save_checkpoint(accelerator: Any, output_dir: Path, step: int, stage: int, e
                 logger.info("%s: removed old checkpoint %s", label, old)
     accelerator.wait_for_everyone()
     return path
+
+
+def check_distributed_launch(accelerator: Any, error_cls: type[BoLIDError] = BoLIDError, label: str = "BoLID") -> None:
+    """Refuse a launch whose processes did not join one distributed run: each would train alone on the whole
+    batch and every one of them would write the same checkpoints and exports."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes != launched:
+        raise error_cls(
+            f"{label}: {launched} processes were launched (WORLD_SIZE={launched}) but accelerate set up a run of "
+            f"{accelerator.num_processes}, so each would train alone and overwrite the others' files. With GPUs, "
+            "check that every process sees one (CUDA_VISIBLE_DEVICES); on a machine without GPUs set "
+            "ACCELERATE_USE_CPU=1 for `accelerate launch --multi_gpu` or torchrun (gloo).")

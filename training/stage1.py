@@ -1,8 +1,9 @@
 """Stage 1: train the Body-ID VAE on identity-grouped photos with accelerate.
 
 Runs unchanged on CPU, one GPU or several (``accelerate launch``): the batch content is a pure function of
-(seed, sample index) and the reparameterisation noise of (seed, step, micro-batch, process), so a run resumed
-from a checkpoint follows the uninterrupted run's trajectory.
+(seed, sample index) and the reparameterisation noise of (seed, step, micro-batch index in the global batch), so a
+run resumed from a checkpoint follows the uninterrupted run's trajectory, and N processes follow one process that
+accumulates N times as many micro-batches.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bolid.errors import BoLIDError
 from training.common import (  # noqa: F401 (re-exported)
     CHECKPOINT_PREFIX,
     STATE_FILE,
+    check_distributed_launch,
     config_table,
     learning_rate_at,
     list_checkpoints,
@@ -162,6 +164,7 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
     accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
                               mixed_precision=tc.mixed_precision, project_config=project,
                               log_with=None if tc.report_to == "none" else tc.report_to)
+    check_distributed_launch(accelerator, TrainingConfigError, "BoLID stage 1")
     set_seed(config.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +211,11 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
         if step >= tc.max_steps:
             break
         kl_weight = tc.kl_weight * (min(1.0, (step + 1) / tc.kl_warmup_steps) if tc.kl_warmup_steps > 0 else 1.0)
-        gen = noise_generator(config.seed, step, micro, accelerator.process_index, accelerator.device)
+        # seeded by the micro-batch's place in the global batch (process k's micro-batch j is number
+        # j * processes + k, as the sharded loader deals them): N processes follow the 1-process run with N x the
+        # accumulation
+        gen = noise_generator(config.seed, step, micro * accelerator.num_processes + accelerator.process_index, 0,
+                              accelerator.device)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 losses = model(  # through the wrapper, so DDP syncs gradients on several GPUs

@@ -21,7 +21,7 @@ from bolid.dataset import DatasetConfig, dataset_config_from_dict
 from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
 from bolid.errors import BoLIDError
 from bolid.safetensors_io import read_safetensors_metadata
-from training.common import config_table
+from training.common import check_distributed_launch, config_table
 from training.models import BaseModelError, OpenClipFunctions, YoloPoseNet, load_base_model, make_encode_text
 from training.stage2_core import (
     LossConfig,
@@ -195,6 +195,7 @@ def run(raw_config: dict[str, Any], config_dir: Path, resume: str | None = None,
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, project_config=project,
                               log_with=None if tc.report_to == "none" else tc.report_to)
+    check_distributed_launch(accelerator, Stage2ConfigError, "BoLID stage 2")
     set_seed(config.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ from bolid.proportions import aggregate_proportions, body_proportions
 from training.common import (  # noqa: F401 (CHECKPOINT_PREFIX, STATE_FILE, list_checkpoints are re-exported)
     CHECKPOINT_PREFIX,
     STATE_FILE,
+    check_distributed_launch,
     learning_rate_at,
     list_checkpoints,
     noise_generator,
@@ -648,7 +649,8 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
     With ``output_dir``: accelerate checkpoints every ``checkpointing_steps`` (``resume="latest"`` continues from
     the newest), tensorboard logs, validation grids, and the export at the end. Without it: nothing is written
     (an in-process experiment). Batches come from ``data.batch(global index)`` and noise from a generator seeded by
-    (seed, step, micro-batch, process), so a resumed run follows the uninterrupted one.
+    (seed, step, micro-batch index in the global batch), so a resumed run follows the uninterrupted one and N
+    processes follow one process with N times the accumulation.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -662,6 +664,7 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
                                        logging_dir=str(out / "logs") if out else None)
         accelerator = Accelerator(mixed_precision=tc.mixed_precision, project_config=project,
                                   log_with=None if report == "none" else report)
+    check_distributed_launch(accelerator, Stage2Error, "BoLID stage 2")
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
     components.freeze()
@@ -716,7 +719,9 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
         for micro in range(accum):
             index = (step * accum + micro) * nproc + rank
             batch = data.batch(index, tc.batch_size)
-            gen = noise_generator(seed, step, micro, rank, torch.device("cpu"), offset=17)
+            # noise is seeded by the micro-batch's place in the global batch, like the data index: N processes
+            # follow the 1-process run with N x the accumulation
+            gen = noise_generator(seed, step, micro * nproc + rank, 0, torch.device("cpu"), offset=17)
             shape = batch["sample"].shape
             noise = torch.randn(shape, generator=gen).to(device)
             timesteps = torch.randint(0, num_t, (shape[0],), generator=gen).to(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true", help="only build the dataset cache, then exit")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = logging.getLevelName(args.log_level.upper())
+    if int(os.environ.get("RANK", "0")) != 0 and isinstance(level, int):
+        # several processes (accelerate launch / torchrun set RANK): only the first one logs progress; the others
+        # still log warnings and errors, which can be their own
+        level = max(level, logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config_path = Path(args.config).resolve()
     try:
         raw = load_config(config_path)
