@@ -10,7 +10,13 @@ import torch
 from .adapter import BRANCHES, BoLIDAdapter, Branch, layer_key
 from .config import AdapterConfig
 from .errors import AdapterFileError
-from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
+from .safetensors_io import (
+    atomic_save_safetensors,
+    check_state_dict,
+    load_safetensors,
+    read_safetensors_metadata,
+    reading,
+)
 
 # metadata key: hash of the Body-ID encoder whose c_body the adapter was trained on (Apply refuses others)
 BODY_ENCODER_HASH_KEY = "bolid_body_encoder_hash"
@@ -25,7 +31,9 @@ def save_adapter(adapter: BoLIDAdapter, path: str | os.PathLike, extra_metadata:
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     """The config of an adapter file, checked without reading any tensor."""
     _check_extension(Path(path))
-    return AdapterConfig.from_metadata(read_safetensors_metadata(path, AdapterFileError), str(path))
+    metadata = read_safetensors_metadata(path, AdapterFileError)
+    with reading(path, AdapterFileError, "BoLID adapter"):
+        return AdapterConfig.from_metadata(metadata, str(path))
 
 
 def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -34,13 +42,14 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
     path = Path(path)
     config = read_adapter_config(path)
     tensors, _ = load_safetensors(path, AdapterFileError)
-    with torch.device("meta"):
-        reference = BoLIDAdapter(config).state_dict()
-    check_state_dict(tensors, reference, str(path), AdapterFileError, f"its declared config {config.describe()}")
-    adapter = BoLIDAdapter(config)
-    adapter.load_state_dict(tensors, strict=True)
-    adapter.requires_grad_(False).eval()
-    return adapter.to(device=device, dtype=dtype)
+    with reading(path, AdapterFileError, "BoLID adapter"):
+        with torch.device("meta"):  # the declared layout, checked before any real allocation
+            reference = BoLIDAdapter(config).state_dict()
+        check_state_dict(tensors, reference, str(path), AdapterFileError, f"its declared config {config.describe()}")
+        adapter = BoLIDAdapter(config)
+        adapter.load_state_dict(tensors, strict=True)
+        adapter.requires_grad_(False).eval()
+        return adapter.to(device=device, dtype=dtype)
 
 
 def _check_extension(path: Path) -> None:

@@ -31,7 +31,13 @@ from .errors import BoLIDError
 from .identity import BodyID
 from .keypoints import NUM_KEYPOINTS, PersonPose
 from .proportions import NUM_PROPORTIONS, aggregate_proportions, body_proportions
-from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
+from .safetensors_io import (
+    atomic_save_safetensors,
+    check_state_dict,
+    load_safetensors,
+    read_safetensors_metadata,
+    reading,
+)
 
 logger = logging.getLogger("bolid")
 
@@ -367,7 +373,9 @@ def read_body_encoder_config(path: str | os.PathLike) -> BodyEncoderConfig:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise BodyEncoderFileError(f"{path}: Body-ID encoders are .safetensors files only (pickle is not loaded)")
-    return BodyEncoderConfig.from_metadata(read_safetensors_metadata(path, BodyEncoderFileError), str(path))
+    metadata = read_safetensors_metadata(path, BodyEncoderFileError)
+    with reading(path, BodyEncoderFileError, "Body-ID encoder"):
+        return BodyEncoderConfig.from_metadata(metadata, str(path))
 
 
 def load_body_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> BodyEncoder:
@@ -381,12 +389,14 @@ def load_body_encoder_with_hash(path: str | os.PathLike,
     path = Path(path)
     config = read_body_encoder_config(path)
     tensors, metadata = load_safetensors(path, BodyEncoderFileError)
-    model = BodyEncoder(config)
-    reference = model.state_dict()
-    check_state_dict(tensors, reference, str(path), BodyEncoderFileError, "its declared encoder config")
-    model.load_state_dict(tensors, strict=True)
+    with reading(path, BodyEncoderFileError, "Body-ID encoder"):
+        with torch.device("meta"):  # the declared layout, checked before any real allocation
+            reference = BodyEncoder(config).state_dict()
+        check_state_dict(tensors, reference, str(path), BodyEncoderFileError, "its declared encoder config")
+        model = BodyEncoder(config)
+        model.load_state_dict(tensors, strict=True)
+        digest = encoder_hash(model)
     stored = metadata.get("bolid_encoder_hash")
-    digest = encoder_hash(model)
     if stored and stored != digest:
         raise BodyEncoderFileError(f"{path}: the weights do not match the hash stored in the file ({stored}); "
                                    "the file was modified or damaged, re-export it")
