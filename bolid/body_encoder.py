@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import BoLIDError
+from .errors import BoLIDError, reading
 from .identity import BodyID
 from .keypoints import NUM_KEYPOINTS, PersonPose
 from .proportions import NUM_PROPORTIONS, aggregate_proportions, body_proportions
@@ -36,7 +36,6 @@ from .safetensors_io import (
     check_state_dict,
     load_safetensors,
     read_safetensors_metadata,
-    reading,
 )
 
 logger = logging.getLogger("bolid")
@@ -453,6 +452,21 @@ def main_person(people: Sequence[PersonPose]) -> PersonPose | None:
 # ----------------------------------------------------------------------------------------------- inference
 
 
+NO_PERSON = "no person detected"
+
+
+def _advice(reasons: Sequence[str]) -> str:
+    """What to do, from why the views were skipped (several people is not fixed by a lower confidence)."""
+    tips = []
+    if any(r == NO_PERSON for r in reasons):
+        tips.append("use photos where the person's body is visible")
+    if any("confidence" in r for r in reasons):
+        tips.append("lower the minimum confidence or use photos where more of the body is visible")
+    if any("people" in r for r in reasons):
+        tips.append("crop the photos to one person, or let several_people use the largest person")
+    return "; ".join(tips) or "use photos where one person's body is visible"
+
+
 @dataclass
 class EncodeResult:
     """What :func:`encode_body` made: the identity, the views used (crop + weight) and the skipped images."""
@@ -467,13 +481,14 @@ class EncodeResult:
 @torch.no_grad()
 def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Sequence[PersonPose | None],
                 names: Sequence[str] | None = None, min_confidence: float = 0.3,
-                model_hash: str | None = None) -> EncodeResult:
+                model_hash: str | None = None, skip_reasons: Sequence[str | None] | None = None) -> EncodeResult:
     """Encode the body identity of the one person shown in ``images`` (RGB uint8 HxWx3), given their poses.
 
     A view is used when it has a person whose body confidence (mean of COCO joints 5..16) is at least
     ``min_confidence``; its aggregation weight is that confidence. Raises BodyEncodeError when no view is usable.
     ``model_hash`` is ``encoder_hash(encoder)`` when the caller already has it (e.g. from
-    load_body_encoder_with_hash); otherwise it is computed here.
+    load_body_encoder_with_hash); otherwise it is computed here. ``skip_reasons[i]``, when given, says why the
+    caller set ``poses[i]`` to None (e.g. several people and a skip policy); the default is "no person detected".
     """
     images, poses = list(images), list(poses)
     if not images:
@@ -483,9 +498,10 @@ def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Seque
     names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
     cfg = encoder.config
     crops, kps, weights, used, skipped = [], [], [], [], []
-    for name, image, pose in zip(names, images, poses, strict=True):
+    reasons = list(skip_reasons) if skip_reasons is not None else [None] * len(images)
+    for name, image, pose, reason in zip(names, images, poses, reasons, strict=True):
         if pose is None:
-            skipped.append((name, "no person detected"))
+            skipped.append((name, reason or NO_PERSON))
             continue
         w = pose.body_confidence
         if not w >= min_confidence:
@@ -499,9 +515,8 @@ def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Seque
     for name, why in skipped:
         logger.warning("BoLID body encoder: skipped %s: %s", name, why)
     if not used:
-        reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
-        raise BodyEncodeError(f"no image has a usable person ({reasons}); use photos where one person's body "
-                              "is visible, or lower the minimum confidence")
+        listed = "; ".join(f"{n}: {r}" for n, r in skipped)
+        raise BodyEncodeError(f"no image has a usable person ({listed}); {_advice([r for _, r in skipped])}")
     param = next(encoder.parameters())
     crop_t = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(param.device, param.dtype) / 255.0
     kp_t = torch.from_numpy(np.stack(kps)).to(param.device, param.dtype)

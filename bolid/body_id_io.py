@@ -16,9 +16,9 @@ from typing import Literal
 
 import torch
 
-from .errors import BoLIDError
+from .errors import BoLIDError, reading
 from .identity import BodyID
-from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata, reading
+from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
 
 BODY_ID_FILE_KIND = "bolid_body_id"
 BODY_ID_FORMAT_VERSION = 1

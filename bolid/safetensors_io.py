@@ -6,20 +6,18 @@ half-written file. Reading the header first lets loaders check the config before
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import BoLIDError
+from .errors import BoLIDError, reading
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_LISTED_KEYS = 5
@@ -60,22 +58,6 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 # bytes per element of every dtype the safetensors format defines (others are refused before any read)
 DTYPE_SIZES: dict[str, int] = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
                                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-@contextlib.contextmanager
-def reading(path: str | os.PathLike, error_cls: type[BoLIDError], what: str = "file") -> Iterator[None]:
-    """Turn any non-BoLID exception raised while a file is read into ``error_cls`` naming the file.
-
-    Loaders check what they know to check with specific messages; this is the net for whatever content a
-    damaged or crafted file holds, so no torch/JSON/safetensors exception type leaks out of a BoLID loader.
-    """
-    try:
-        yield
-    except BoLIDError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the point is to catch whatever a foreign file provokes
-        raise error_cls(f"{path}: cannot be read as a {what} ({type(exc).__name__}: {exc}); the file is damaged "
-                        "or not what its name says: re-download or re-export it") from exc
 
 
 def _is_int(value: object) -> bool:
@@ -159,7 +141,7 @@ def load_safetensors(path: str | os.PathLike, error_cls: type[BoLIDError] = BoLI
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors and torch raise their own error types
+    except Exception as exc:  # safetensors and torch raise their own error types
         raise error_cls(f"{path}: cannot read tensors ({type(exc).__name__}: {exc}); re-download or re-export "
                         "it") from exc
     return tensors, metadata
