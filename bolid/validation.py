@@ -85,7 +85,7 @@ def _vector(value: object, what: str) -> torch.Tensor:
 
     if not isinstance(value, torch.Tensor):
         raise EmbeddingError(f"{what} must be a tensor, got {type(value).__name__}")
-    value = value.detach().float().reshape(-1)
+    value = value.detach().double().reshape(-1)  # float64: the norm of 1e30 values must not overflow
     if value.numel() == 0:
         raise EmbeddingError(f"{what} is empty")
     if not torch.isfinite(value).all():
