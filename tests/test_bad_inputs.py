@@ -444,8 +444,13 @@ def valid_files(tmp_path_factory) -> dict[str, tuple]:
     """kind -> (bytes of a valid file, loader, the loader's error type)."""
     from bolid.adapter import BoLIDAdapter
     from bolid.adapter_io import load_adapter, save_adapter
-    from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, BodyEncoderFileError, load_body_encoder
-    from bolid.body_encoder import save_body_encoder
+    from bolid.body_encoder import (
+        BodyEncoder,
+        BodyEncoderConfig,
+        BodyEncoderFileError,
+        load_body_encoder,
+        save_body_encoder,
+    )
     from bolid.body_id_io import BodyIDFileError, load_body_id, save_body_id
     from bolid.config import AdapterConfig
     from bolid.errors import AdapterFileError
