@@ -282,6 +282,13 @@ class PoseRunner:
         return shape
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return self._run_session(batch)
+        except Exception as exc:  # onnxruntime's own types: a graph that loads but does not run as a pose model
+            raise PoseModelError(f"pose model {self.path} failed to run on a {batch.shape} input "
+                                 f"({type(exc).__name__}: {exc}); re-export it with `python -m bolid.pose export`") from exc
+
+    def _run_session(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
         if self.fixed_batch is not None and self.fixed_batch != n:
             outs = []

@@ -349,13 +349,16 @@ def test_body_id_names_with_whitespace_or_control_characters_are_refused(tmp_pat
 # ONNX model files (pose, InsightFace)
 
 
-def tiny_pose_onnx(path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """A static 64x64 'YOLO pose' graph (zero scores: nobody found) with ultralytics-style metadata."""
+def tiny_pose_onnx(path: Path, metadata: dict[str, str] | None = None, length: int = -1) -> Path:
+    """A static 64x64 'YOLO pose' graph (zero scores: nobody found) with ultralytics-style metadata.
+
+    ``length`` is the anchor count the output is reshaped to (-1: all 4096; another value fails at run time).
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.zeros((56, 3, 1, 1), np.float32), "w")
-    shape = numpy_helper.from_array(np.array([1, 56, -1], np.int64), "s")
+    shape = numpy_helper.from_array(np.array([1, 56, length], np.int64), "s")
     graph = helper.make_graph(
         [helper.make_node("Conv", ["images", "w"], ["c"]), helper.make_node("Reshape", ["c", "s"], ["output0"])],
         "pose", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])],
@@ -392,6 +395,19 @@ def test_damaged_pose_model(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(PoseModelError, match="damaged.onnx"):
         PoseRunner(path, "CPU")
+
+
+def test_pose_model_that_loads_but_does_not_run(tmp_path):
+    from bolid.pose import PoseModelError, PoseRunner
+
+    runner = PoseRunner(tiny_pose_onnx(tmp_path / "broken.onnx", length=5000), "CPU")
+    with pytest.raises(PoseModelError, match=r"pose model .*broken.onnx failed to run"):
+        runner.detect(np.zeros((40, 30, 3), np.uint8))
+
+
+def test_missing_model_file_is_a_bolid_error(pack, folders):
+    with pytest.raises(pack.bolid.errors.BoLIDError, match=r"'gone.onnx' not found in the 'bolid_pose' folders"):
+        pack.nodes.perception_nodes.LoadPoseModel().load("gone.onnx", "CPU")
 
 
 @pytest.fixture(scope="module")
