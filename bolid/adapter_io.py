@@ -47,8 +47,8 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
         check_state_dict(tensors, reference, str(path), AdapterFileError, f"its declared config {config.describe()}")
         adapter = BoLIDAdapter(config)
         adapter.load_state_dict(tensors, strict=True)
-        adapter.requires_grad_(False).eval()
-        return adapter.to(device=device, dtype=dtype)
+    adapter.requires_grad_(False).eval()
+    return adapter.to(device=device, dtype=dtype)  # outside the net: running out of memory is not a bad file
 
 
 def _check_extension(path: Path) -> None:
