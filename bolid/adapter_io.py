@@ -10,12 +10,7 @@ import torch
 from .adapter import BRANCHES, BoLIDAdapter, Branch, layer_key
 from .config import AdapterConfig
 from .errors import AdapterFileError, reading
-from .safetensors_io import (
-    atomic_save_safetensors,
-    check_state_dict,
-    load_safetensors,
-    read_safetensors_metadata,
-)
+from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
 
 # metadata key: hash of the Body-ID encoder whose c_body the adapter was trained on (Apply refuses others)
 BODY_ENCODER_HASH_KEY = "bolid_body_encoder_hash"

@@ -31,12 +31,7 @@ from .errors import BoLIDError, reading
 from .identity import BodyID
 from .keypoints import NUM_KEYPOINTS, PersonPose
 from .proportions import NUM_PROPORTIONS, aggregate_proportions, body_proportions
-from .safetensors_io import (
-    atomic_save_safetensors,
-    check_state_dict,
-    load_safetensors,
-    read_safetensors_metadata,
-)
+from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
 
 logger = logging.getLogger("bolid")
 
