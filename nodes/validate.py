@@ -119,8 +119,10 @@ def check_node_inputs(cls: type, title: str, arguments: Mapping[str, Any]) -> No
 def install_input_checks(cls: type, title: str) -> None:
     """Wrap ``cls.FUNCTION`` so that its inputs are checked first (idempotent; the signature is kept)."""
     function_name = getattr(cls, "FUNCTION", None)
-    function: Callable[..., Any] | None = cls.__dict__.get(function_name) if function_name else None
-    if function is None or not callable(function) or getattr(function, _CHECKED, False):
+    # the plain function as defined (possibly on a base class); static/class methods have no ``self`` to pass
+    function: Callable[..., Any] | None = next(
+        (k.__dict__[function_name] for k in cls.__mro__ if function_name and function_name in k.__dict__), None)
+    if not inspect.isfunction(function) or getattr(function, _CHECKED, False):
         return
     signature = inspect.signature(function)
 
@@ -130,7 +132,11 @@ def install_input_checks(cls: type, title: str) -> None:
             bound = signature.bind(self, *args, **kwargs)
         except TypeError:
             return function(self, *args, **kwargs)  # Python's own message for a wrong call
-        check_node_inputs(cls, title, {k: v for k, v in bound.arguments.items() if k != "self"})
+        arguments = {}
+        for name, value in list(bound.arguments.items())[1:]:  # without self
+            kind = signature.parameters[name].kind
+            arguments.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        check_node_inputs(cls, title, arguments)
         return function(self, *args, **kwargs)
 
     setattr(checked, _CHECKED, True)

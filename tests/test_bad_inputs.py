@@ -186,7 +186,7 @@ class _NewNode:
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
         raise RuntimeError("BoLID nodes need ComfyUI's folder_paths module")
 
-    def run(self, image, strength, body_id=None):
+    def run(self, image, strength, **optional):
         return ("ran",)
 
 
