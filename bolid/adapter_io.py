@@ -9,7 +9,7 @@ import torch
 
 from .adapter import BRANCHES, BoLIDAdapter, Branch, layer_key
 from .config import AdapterConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, reading
 from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
 
 # metadata key: hash of the Body-ID encoder whose c_body the adapter was trained on (Apply refuses others)
@@ -25,7 +25,9 @@ def save_adapter(adapter: BoLIDAdapter, path: str | os.PathLike, extra_metadata:
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     """The config of an adapter file, checked without reading any tensor."""
     _check_extension(Path(path))
-    return AdapterConfig.from_metadata(read_safetensors_metadata(path, AdapterFileError), str(path))
+    metadata = read_safetensors_metadata(path, AdapterFileError)
+    with reading(path, AdapterFileError, "BoLID adapter"):
+        return AdapterConfig.from_metadata(metadata, str(path))
 
 
 def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -34,13 +36,14 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
     path = Path(path)
     config = read_adapter_config(path)
     tensors, _ = load_safetensors(path, AdapterFileError)
-    with torch.device("meta"):
-        reference = BoLIDAdapter(config).state_dict()
-    check_state_dict(tensors, reference, str(path), AdapterFileError, f"its declared config {config.describe()}")
-    adapter = BoLIDAdapter(config)
-    adapter.load_state_dict(tensors, strict=True)
+    with reading(path, AdapterFileError, "BoLID adapter"):
+        with torch.device("meta"):  # the declared layout, checked before any real allocation
+            reference = BoLIDAdapter(config).state_dict()
+        check_state_dict(tensors, reference, str(path), AdapterFileError, f"its declared config {config.describe()}")
+        adapter = BoLIDAdapter(config)
+        adapter.load_state_dict(tensors, strict=True)
     adapter.requires_grad_(False).eval()
-    return adapter.to(device=device, dtype=dtype)
+    return adapter.to(device=device, dtype=dtype)  # outside the net: running out of memory is not a bad file
 
 
 def _check_extension(path: Path) -> None:

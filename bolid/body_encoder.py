@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from .appearance import APPEARANCE_DIM
-from .errors import BoLIDError
+from .errors import BoLIDError, reading
 from .identity import BodyID
 from .keypoints import NUM_KEYPOINTS, PersonPose
 from .proportions import NUM_PROPORTIONS, aggregate_proportions, body_proportions
@@ -441,7 +441,9 @@ def read_body_encoder_config(path: str | os.PathLike) -> BodyEncoderConfig:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise BodyEncoderFileError(f"{path}: Body-ID encoders are .safetensors files only (pickle is not loaded)")
-    return BodyEncoderConfig.from_metadata(read_safetensors_metadata(path, BodyEncoderFileError), str(path))
+    metadata = read_safetensors_metadata(path, BodyEncoderFileError)
+    with reading(path, BodyEncoderFileError, "Body-ID encoder"):
+        return BodyEncoderConfig.from_metadata(metadata, str(path))
 
 
 def load_body_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> BodyEncoder:
@@ -455,22 +457,25 @@ def load_body_encoder_with_hash(path: str | os.PathLike,
     path = Path(path)
     config = read_body_encoder_config(path)
     tensors, metadata = load_safetensors(path, BodyEncoderFileError)
-    model = BodyEncoder(config)
-    prior = [tensors.pop(k, None) for k in BODY_PRIOR_KEYS]
-    if all(t is not None for t in prior):
-        d = config.latent_dim
-        if tuple(prior[0].shape) != (d,) or tuple(prior[1].shape) != (d, d) or not all(
-                bool(torch.isfinite(t).all()) for t in prior):
-            raise BodyEncoderFileError(f"{path}: the stored body distribution (body_prior.*) does not match the "
-                                       f"latent size {d} or is not finite; re-export the encoder")
-        model.body_prior = (prior[0].float(), prior[1].float())
-    elif any(t is not None for t in prior):
-        raise BodyEncoderFileError(f"{path}: only one of {BODY_PRIOR_KEYS} is present; re-export the encoder")
-    reference = model.state_dict()
-    check_state_dict(tensors, reference, str(path), BodyEncoderFileError, "its declared encoder config")
-    model.load_state_dict(tensors, strict=True)
+    with reading(path, BodyEncoderFileError, "Body-ID encoder"):
+        prior = [tensors.pop(k, None) for k in BODY_PRIOR_KEYS]
+        if all(t is not None for t in prior):
+            d = config.latent_dim
+            if tuple(prior[0].shape) != (d,) or tuple(prior[1].shape) != (d, d) or not all(
+                    bool(torch.isfinite(t).all()) for t in prior):
+                raise BodyEncoderFileError(f"{path}: the stored body distribution (body_prior.*) does not match "
+                                           f"the latent size {d} or is not finite; re-export the encoder")
+        elif any(t is not None for t in prior):
+            raise BodyEncoderFileError(f"{path}: only one of {BODY_PRIOR_KEYS} is present; re-export the encoder")
+        with torch.device("meta"):  # the declared layout, checked before any real allocation
+            reference = BodyEncoder(config).state_dict()
+        check_state_dict(tensors, reference, str(path), BodyEncoderFileError, "its declared encoder config")
+        model = BodyEncoder(config)
+        model.load_state_dict(tensors, strict=True)
+        if prior[0] is not None:
+            model.body_prior = (prior[0].float(), prior[1].float())
+        digest = encoder_hash(model)
     stored = metadata.get("bolid_encoder_hash")
-    digest = encoder_hash(model)
     if stored and stored != digest:
         raise BodyEncoderFileError(f"{path}: the weights do not match the hash stored in the file ({stored}); "
                                    "the file was modified or damaged, re-export it")
@@ -527,6 +532,21 @@ def main_person(people: Sequence[PersonPose]) -> PersonPose | None:
 # ----------------------------------------------------------------------------------------------- inference
 
 
+NO_PERSON = "no person detected"
+
+
+def _advice(reasons: Sequence[str]) -> str:
+    """What to do, from why the views were skipped (several people is not fixed by a lower confidence)."""
+    tips = []
+    if any(r == NO_PERSON for r in reasons):
+        tips.append("use photos where the person's body is visible")
+    if any("confidence" in r for r in reasons):
+        tips.append("lower the minimum confidence or use photos where more of the body is visible")
+    if any("people" in r for r in reasons):
+        tips.append("crop the photos to one person, or let several_people use the largest person")
+    return "; ".join(tips) or "use photos where one person's body is visible"
+
+
 @dataclass
 class EncodeResult:
     """What :func:`encode_body` made: the identity, the views used (crop + weight) and the skipped images."""
@@ -541,13 +561,14 @@ class EncodeResult:
 @torch.no_grad()
 def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Sequence[PersonPose | None],
                 names: Sequence[str] | None = None, min_confidence: float = 0.3,
-                model_hash: str | None = None) -> EncodeResult:
+                model_hash: str | None = None, skip_reasons: Sequence[str | None] | None = None) -> EncodeResult:
     """Encode the body identity of the one person shown in ``images`` (RGB uint8 HxWx3), given their poses.
 
     A view is used when it has a person whose body confidence (mean of COCO joints 5..16) is at least
     ``min_confidence``; its aggregation weight is that confidence. Raises BodyEncodeError when no view is usable.
     ``model_hash`` is ``encoder_hash(encoder)`` when the caller already has it (e.g. from
-    load_body_encoder_with_hash); otherwise it is computed here.
+    load_body_encoder_with_hash); otherwise it is computed here. ``skip_reasons[i]``, when given, says why the
+    caller set ``poses[i]`` to None (e.g. several people and a skip policy); the default is "no person detected".
     """
     images, poses = list(images), list(poses)
     if not images:
@@ -557,9 +578,10 @@ def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Seque
     names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
     cfg = encoder.config
     crops, kps, weights, used, skipped = [], [], [], [], []
-    for name, image, pose in zip(names, images, poses, strict=True):
+    reasons = list(skip_reasons) if skip_reasons is not None else [None] * len(images)
+    for name, image, pose, reason in zip(names, images, poses, reasons, strict=True):
         if pose is None:
-            skipped.append((name, "no person detected"))
+            skipped.append((name, reason or NO_PERSON))
             continue
         w = pose.body_confidence
         if not w >= min_confidence:
@@ -573,9 +595,8 @@ def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Seque
     for name, why in skipped:
         logger.warning("BoLID body encoder: skipped %s: %s", name, why)
     if not used:
-        reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
-        raise BodyEncodeError(f"no image has a usable person ({reasons}); use photos where one person's body "
-                              "is visible, or lower the minimum confidence")
+        listed = "; ".join(f"{n}: {r}" for n, r in skipped)
+        raise BodyEncodeError(f"no image has a usable person ({listed}); {_advice([r for _, r in skipped])}")
     param = next(encoder.parameters())
     crop_t = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(param.device, param.dtype) / 255.0
     kp_t = torch.from_numpy(np.stack(kps)).to(param.device, param.dtype)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from .errors import BoLIDError
+from .errors import BoLIDError, reading
 from .identity import BodyID
 from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
 
@@ -37,12 +37,16 @@ class BodyIDMismatchError(BoLIDError):
 def body_id_path(folder: str | os.PathLike, name: str) -> Path:
     """``folder/name.safetensors`` for a user-supplied name that cannot leave ``folder``.
 
-    Allowed: letters, digits, space, ``_ . -`` (no separators, no leading dot, no ``..``), at most 128 chars.
+    Allowed: letters, digits, space, ``_ . -`` (no separators, no leading dot, no ``..``), at most 128 chars;
+    no leading/trailing whitespace or control characters (a pasted trailing newline is refused, not stripped).
     """
-    name = str(name).strip()
+    name = str(name)
+    if name != name.strip() or any(not c.isprintable() for c in name):
+        raise BodyIDFileError(f"body ID name {name!r} starts or ends with whitespace or holds a control character "
+                              "(newline, tab, ...): type the name without them")
     if name.lower().endswith(BODY_ID_EXTENSION):
         name = name[: -len(BODY_ID_EXTENSION)]
-    if not _SAFE_NAME.match(name) or ".." in name:
+    if not _SAFE_NAME.fullmatch(name) or ".." in name or name != name.rstrip():
         raise BodyIDFileError(f"body ID name {name!r} is not allowed: use letters, digits, spaces, '_', '-', '.' "
                               "(no folders, no '..', not starting with '.'), at most 128 characters")
     root = Path(folder).resolve()
@@ -85,22 +89,34 @@ def load_body_id(path: str | os.PathLike) -> BodyID:
         raise BodyIDFileError(f"{path}: body ID format version {metadata.get('bolid_format_version')!r} is not "
                               f"supported (this BoLID reads {BODY_ID_FORMAT_VERSION}); update the node pack")
     tensors, _ = load_safetensors(path, BodyIDFileError)
-    try:
-        views = tuple(json.loads(metadata.get("bolid_views", "[]")))
-        extra = json.loads(metadata.get("bolid_extra", "{}"))
-        dim = int(metadata["bolid_body_dim"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise BodyIDFileError(f"{path}: invalid body ID metadata ({exc})") from exc
-    if "c_body" not in tensors or tuple(tensors["c_body"].shape) != (dim,):
-        raise BodyIDFileError(f"{path}: c_body missing or not a vector of {dim} values; the file is damaged")
-    weights = tuple(float(w) for w in tensors["view_weights"].tolist()) if "view_weights" in tensors else ()
-    if weights and len(weights) != len(views):
-        raise BodyIDFileError(f"{path}: {len(views)} views but {len(weights)} view weights; the file is damaged")
-    try:
-        return BodyID(c_body=tensors["c_body"], logvar=tensors.get("logvar"), views=views, view_weights=weights,
-                      encoder_hash=metadata.get("bolid_encoder_hash", ""), extra=extra)
-    except BoLIDError as exc:
-        raise BodyIDFileError(f"{path}: {exc}") from exc
+    with reading(path, BodyIDFileError, "BoLID body ID"):
+        try:
+            views = json.loads(metadata.get("bolid_views", "[]"))
+            extra = json.loads(metadata.get("bolid_extra", "{}"))
+            dim = int(metadata["bolid_body_dim"])
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise BodyIDFileError(f"{path}: invalid body ID metadata ({exc})") from exc
+        if not isinstance(views, list) or not all(isinstance(v, str) for v in views) or not isinstance(extra, dict):
+            raise BodyIDFileError(f"{path}: invalid body ID metadata (views must be a list of names, extra an "
+                                  "object); the file is damaged")
+        c_body = tensors.get("c_body")
+        if c_body is None or tuple(c_body.shape) != (dim,) or not c_body.is_floating_point():
+            raise BodyIDFileError(f"{path}: c_body missing or not a float vector of {dim} values; the file is damaged")
+        logvar = tensors.get("logvar")
+        if logvar is not None and (tuple(logvar.shape) != (dim,) or not logvar.is_floating_point()):
+            raise BodyIDFileError(f"{path}: logvar is not a float vector of {dim} values; the file is damaged")
+        raw_weights = tensors.get("view_weights")
+        if raw_weights is not None and (raw_weights.ndim != 1 or not raw_weights.is_floating_point()
+                                        or not torch.isfinite(raw_weights).all()):
+            raise BodyIDFileError(f"{path}: view_weights is not a finite float vector; the file is damaged")
+        weights = tuple(float(w) for w in raw_weights.tolist()) if raw_weights is not None else ()
+        if weights and len(weights) != len(views):
+            raise BodyIDFileError(f"{path}: {len(views)} views but {len(weights)} view weights; the file is damaged")
+        try:
+            return BodyID(c_body=c_body, logvar=logvar, views=tuple(views), view_weights=weights,
+                          encoder_hash=metadata.get("bolid_encoder_hash", ""), extra=extra)
+        except BoLIDError as exc:
+            raise BodyIDFileError(f"{path}: {exc}") from exc
 
 
 def sample_body_id(dim: int, seed: int, encoder_hash: str = "", temperature: float = 1.0,

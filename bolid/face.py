@@ -21,6 +21,7 @@ from .errors import BoLIDError
 from .identity import FaceEmbeds
 from .onnx_providers import check_active_provider, resolve_providers
 from .pose import to_uint8_rgb
+from .validation import onnx_failure_message
 
 logger = logging.getLogger("bolid")
 
@@ -81,6 +82,9 @@ class FaceAnalyzer:
                                providers=providers)
         except AssertionError as exc:  # InsightFace asserts that a detector was found
             raise FaceModelError(f"no face detector recognised in {folder}: it needs {EXPECTED_FILES}") from exc
+        except Exception as exc:  # onnxruntime/protobuf types for a damaged file: name the file
+            files = check_face_model_dir(folder)
+            raise FaceModelError(onnx_failure_message(files, exc, "InsightFace model")) from exc
         if "recognition" not in app.models:
             raise FaceModelError(f"no ArcFace recogniser recognised in {folder}: it needs {EXPECTED_FILES}")
         if not det_sizes:

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BoLIDError
+from .errors import BoLIDError, reading
 from .keypoints import NUM_KEYPOINTS, SKELETON, PersonPose
 from .onnx_providers import create_session
+from .validation import check_image_size
 
 logger = logging.getLogger("bolid")
 
@@ -224,40 +225,44 @@ class PoseRunner:
             raise
         except Exception as exc:  # onnxruntime raises its own types for corrupt files
             raise PoseModelError(f"cannot load pose model {path}: {exc}") from exc
-        self.provider = self.session.get_providers()[0]
-        meta = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.metadata = meta
-        task = meta.get("task")
-        if task is not None and task != "pose":
-            raise PoseModelError(f"{path.name} is a YOLO {task!r} model, not a pose model: export a *-pose.pt")
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        out = self.session.get_outputs()[0]
-        self.output_name = out.name
-        self.end2end = bool(_literal(meta, "end2end", False))
-        kpt_shape = tuple(_literal(meta, "kpt_shape", (NUM_KEYPOINTS, 3)))
-        if kpt_shape != (NUM_KEYPOINTS, 3):
-            raise PoseModelError(f"{path.name} predicts keypoints of shape {kpt_shape}; BoLID needs COCO-17 with "
-                                 "confidences (17, 3), as in the yolo11*-pose models")
-        names = _literal(meta, "names", {0: "person"})
-        self.num_classes = len(names) if isinstance(names, (dict, list)) else 1
-        channels = out.shape[1] if not self.end2end else None
-        if isinstance(channels, int) and channels != 4 + self.num_classes + NUM_KEYPOINTS * 3:
-            raise PoseModelError(f"{path.name}: output has {channels} channels, expected "
-                                 f"{4 + self.num_classes + NUM_KEYPOINTS * 3} (4 box + classes + 17x3 keypoints)")
-        self.stride = int(_literal(meta, "stride", 32))
-        batch, _, h, w = (list(inp.shape) + [None] * 4)[:4]
-        self.fixed_batch = _dim(batch)
-        self.dynamic = _dim(h) is None or _dim(w) is None
-        imgsz = _literal(meta, "imgsz", None)
-        if isinstance(imgsz, int):
-            imgsz = (imgsz, imgsz)
-        if not self.dynamic:
-            self.imgsz = (int(h), int(w))
-        elif isinstance(imgsz, (list, tuple)) and len(imgsz) == 2:
-            self.imgsz = (int(imgsz[0]), int(imgsz[1]))
-        else:
-            self.imgsz = (640, 640)
+        with reading(path, PoseModelError, "YOLO pose ONNX export"):  # crafted metadata or I/O: own error
+            self.provider = self.session.get_providers()[0]
+            meta = dict(self.session.get_modelmeta().custom_metadata_map)
+            self.metadata = meta
+            task = meta.get("task")
+            if task is not None and task != "pose":
+                raise PoseModelError(f"{path.name} is a YOLO {task!r} model, not a pose model: export a *-pose.pt")
+            inp = self.session.get_inputs()[0]
+            self.input_name = inp.name
+            out = self.session.get_outputs()[0]
+            self.output_name = out.name
+            self.end2end = bool(_literal(meta, "end2end", False))
+            kpt_shape = tuple(_literal(meta, "kpt_shape", (NUM_KEYPOINTS, 3)))
+            if kpt_shape != (NUM_KEYPOINTS, 3):
+                raise PoseModelError(f"{path.name} predicts keypoints of shape {kpt_shape}; BoLID needs COCO-17 with "
+                                     "confidences (17, 3), as in the yolo11*-pose models")
+            names = _literal(meta, "names", {0: "person"})
+            self.num_classes = len(names) if isinstance(names, (dict, list)) else 1
+            channels = out.shape[1] if not self.end2end else None
+            if isinstance(channels, int) and channels != 4 + self.num_classes + NUM_KEYPOINTS * 3:
+                raise PoseModelError(f"{path.name}: output has {channels} channels, expected "
+                                     f"{4 + self.num_classes + NUM_KEYPOINTS * 3} (4 box + classes + 17x3 keypoints)")
+            self.stride = int(_literal(meta, "stride", 32))
+            batch, _, h, w = (list(inp.shape) + [None] * 4)[:4]
+            self.fixed_batch = _dim(batch)
+            self.dynamic = _dim(h) is None or _dim(w) is None
+            imgsz = _literal(meta, "imgsz", None)
+            if isinstance(imgsz, int):
+                imgsz = (imgsz, imgsz)
+            if not self.dynamic:
+                self.imgsz = (int(h), int(w))
+            elif isinstance(imgsz, (list, tuple)) and len(imgsz) == 2:
+                self.imgsz = (int(imgsz[0]), int(imgsz[1]))
+            else:
+                self.imgsz = (640, 640)
+            if len(inp.shape) != 4 or len(out.shape) != 3 or self.stride <= 0 or min(self.imgsz) <= 0:
+                raise PoseModelError(f"{path}: input {inp.shape} / output {out.shape} / stride {self.stride} are not "
+                                     "those of a YOLO pose export (input [B, 3, H, W], output [B, C, N])")
         logger.info("BoLID: pose model %s: input %s (%s), provider %s", path.name, self.imgsz,
                     "dynamic" if self.dynamic else "static", self.provider)
 
@@ -277,6 +282,13 @@ class PoseRunner:
         return shape
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return self._run_session(batch)
+        except Exception as exc:  # onnxruntime's own types: a graph that loads but does not run as a pose model
+            raise PoseModelError(f"pose model {self.path} failed to run on a {batch.shape} input "
+                                 f"({type(exc).__name__}: {exc}); re-export it with `python -m bolid.pose export`") from exc
+
+    def _run_session(self, batch: np.ndarray) -> np.ndarray:
         n = batch.shape[0]
         if self.fixed_batch is not None and self.fixed_batch != n:
             outs = []
@@ -300,8 +312,9 @@ class PoseRunner:
             images = [images]
         shape = self._input_shape(imgsz)
         prepared = []
-        for image in images:
+        for index, image in enumerate(images):
             rgb = to_uint8_rgb(image)
+            check_image_size(rgb.shape[0], rgb.shape[1], f"image {index + 1} of {len(images)}")
             lb_img, box = letterbox(rgb, shape, self.stride, minimal=self.dynamic)
             prepared.append((lb_img, box, rgb.shape[1], rgb.shape[0]))
         results: list[list[PersonPose] | None] = [None] * len(prepared)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from .comfy_env import register_model_folders_if_in_comfyui
+from .validate import install_input_checks
 
 _NODE_MODULES = (
     "adapter_nodes",
@@ -26,6 +27,10 @@ for _name in _NODE_MODULES:
             raise RuntimeError(f"BoLID node id {_key!r} is defined twice (second time in nodes/{_name}.py)")
         NODE_CLASS_MAPPINGS[_key] = _cls
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+# every node's IMAGE/MASK/number/identity inputs are checked before its function runs (nodes/validate.py)
+for _key, _cls in NODE_CLASS_MAPPINGS.items():
+    install_input_checks(_cls, NODE_DISPLAY_NAME_MAPPINGS.get(_key, _key))
 
 register_model_folders_if_in_comfyui()
 

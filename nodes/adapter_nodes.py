@@ -15,6 +15,7 @@ from ..bolid.identity import BodyID, FaceEmbeds
 from ..bolid.safetensors_io import read_safetensors_metadata
 from .comfy_env import model_file_list, model_file_path
 from .comfy_patch import BoLIDAttn2Patch, BoLIDPatchState, check_adapter_fits, enumerate_cross_attention_layers
+from .validate import warn_if_body_id_unverified
 
 logger = logging.getLogger("bolid")
 CATEGORY = "BoLID"
@@ -131,6 +132,7 @@ class ApplyBoLIDAdapter:
         layers = enumerate_cross_attention_layers(model.get_model_object("diffusion_model"))
         ordered = check_adapter_fits(adapter.config, layers)
         embeds = _identity_embeds(adapter, body_id, face_embeds, bolid_adapter.body_encoder_hash)
+        warn_if_body_id_unverified(body_id, bolid_adapter.name, bolid_adapter.body_encoder_hash)
         sampling = model.get_model_object("model_sampling")
         mask = None
         if attn_mask is not None:

@@ -146,7 +146,10 @@ class EncodeBodyFromImages:
         names = image_names(len(arrays))
         people = _detect(pose_model, arrays)
         poses: list[PersonPose | None] = []
+        reasons: list[str | None] = []  # why a pose is None, for the error when no view is left
         for name, found in zip(names, people, strict=True):
+            reasons.append(f"{len(found)} people detected and several_people is '{several_people}'"
+                           if len(found) > 1 else None)
             if len(found) > 1:
                 if several_people == SEVERAL_PEOPLE[1]:
                     logger.warning("BoLID encode body: skipped %s: %d people detected", name, len(found))
@@ -156,7 +159,7 @@ class EncodeBodyFromImages:
             poses.append(main_person(found))
         try:
             result = encode_body(body_encoder.model, arrays, poses, names, min_confidence,
-                                 model_hash=body_encoder.hash)
+                                 model_hash=body_encoder.hash, skip_reasons=reasons)
         except BodyEncodeError as exc:
             raise BodyEncodeError(f"Encode Body From Images: {exc}") from exc
         index = {n: i for i, n in enumerate(names)}

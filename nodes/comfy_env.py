@@ -11,6 +11,8 @@ import logging
 import os
 from types import ModuleType
 
+from ..bolid.errors import BoLIDError
+
 logger = logging.getLogger("bolid")
 
 # folder name -> (default subfolder under ComfyUI's models dir, file extensions)
@@ -19,6 +21,10 @@ MODEL_FOLDERS: dict[str, tuple[str, frozenset[str]]] = {
     "bolid_pose": ("bolid_pose", frozenset({".onnx"})),
     "bolid_body_ids": ("bolid_body_ids", frozenset({".safetensors"})),
 }
+
+
+class ModelFileNotFoundError(BoLIDError, FileNotFoundError):
+    """A model file chosen in a node is not in any of its folders (also a FileNotFoundError for callers)."""
 
 
 def folder_paths_module() -> ModuleType:
@@ -67,7 +73,7 @@ def model_file_path(folder: str, name: str) -> str:
     path = fp.get_full_path(folder, name)
     if path is None:
         searched = ", ".join(fp.get_folder_paths(folder))
-        raise FileNotFoundError(f"BoLID: model file {name!r} not found in the {folder!r} folders: {searched}")
+        raise ModelFileNotFoundError(f"BoLID: model file {name!r} not found in the {folder!r} folders: {searched}")
     return path
 
 
