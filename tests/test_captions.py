@@ -13,12 +13,16 @@ import pytest
 import torch
 from PIL import Image
 from test_stage1_training import FakePoseRunner, identity_params, write_views
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
     BlipImageProcessor,
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -63,6 +67,36 @@ def save_tiny_blip2(folder: Path, seed: int = 0) -> Path:
         num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
     Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                 "<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def save_tiny_llava(folder: Path) -> Path:
+    """A random LLaVA (CLIP vision tower + Llama) with a chat template: a model that loads only through
+    transformers' generic image-text-to-text classes."""
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                       "projection_dim": 16},
+        text_config={"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tok),
+                     "max_position_embeddings": 128, "initializer_range": 1.0, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": None, "pad_token_id": tok.pad_token_id},
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
@@ -127,6 +161,8 @@ def captions_by_file(cache_dir: Path) -> dict[str, tuple[str, str]]:
 def test_photos_without_captions_get_one_and_user_captions_are_kept(tmp_path, blip2, counting):
     runner = FakePoseRunner()
     make_photos(tmp_path / "data", runner)
+    whole = (tmp_path / "data" / "alice" / "00.png").read_bytes()
+    (tmp_path / "data" / "alice" / "broken.png").write_bytes(whole[: len(whole) // 2])  # header only
     config = stage1_config(tmp_path, model=str(blip2))
     prepare_stage1(config, runner)
     assert (counting.loads, counting.photos) == (1, 3)  # only alice's photos went through the model
@@ -137,6 +173,7 @@ def test_photos_without_captions_get_one_and_user_captions_are_kept(tmp_path, bl
         assert got[f"bob/{j:02d}.png"] == (f"bob by the user, view {j}", "file")
     report = json.loads((tmp_path / "cache" / "prepare_report.json").read_text())
     assert report["captions"] == {"file": 3, "model": 3, "none": 0}
+    assert [(Path(p).name, why.split(" ")[0]) for p, why in report["skipped"]] == [("broken.png", "unreadable")]
     assert not (tmp_path / "data" / "alice" / "00.txt").exists()  # nothing is written next to the photos
     cached = json.loads((tmp_path / "cache" / C.CACHE_FILE).read_text())
     assert sorted(Path(p).name for p in cached["photos"]) == ["00.png", "01.png", "02.png"]
@@ -163,6 +200,8 @@ def test_caption_cache_is_reused_and_invalidated(tmp_path, blip2, counting):
     assert (counting.loads, counting.photos) == (1, 3)
     assert runner.calls == pose_calls
     assert captions_by_file(tmp_path / "cache") == first
+    report = json.loads((tmp_path / "cache" / "prepare_report.json").read_text())
+    assert report["captions"] == {"file": 3, "model": 3, "none": 0}  # counted from the reused caches
 
     # a changed photo is captioned again, alone
     photo = tmp_path / "data" / "alice" / "01.png"
@@ -224,6 +263,22 @@ def test_word_filter_and_its_log(tmp_path, blip2, caplog):
     assert got["bob/00.png"] == ("bob by the user, view 0", "file")  # user captions are not filtered
 
 
+def test_any_local_image_text_to_text_chat_model(tmp_path, caplog):
+    llava = save_tiny_llava(tmp_path / "tiny-llava")
+    runner = FakePoseRunner()
+    make_photos(tmp_path / "data", runner)
+    config = stage1_config(tmp_path, model=str(llava))
+    with caplog.at_level(logging.INFO, logger="bolid"):
+        result = C.caption_dataset(config.dataset, config.captions)
+    assert "llava model from" in caplog.text and C.DEFAULT_INSTRUCTION in caplog.text  # the chat prompt
+    assert (result.kept_files, result.generated, result.reused) == (3, 3, 0)
+    assert sorted(Path(p).parent.name for p in result.captions) == ["alice"] * 3
+    assert all(1 <= len(t.split()) <= 6 for t in result.captions.values())  # the chat prompt is not returned
+    captioner = C.load_captioner(config.captions)
+    assert captioner.text.startswith(f"user: <image>{C.DEFAULT_INSTRUCTION}")
+    assert captioner.text.endswith("assistant:")
+
+
 def test_missing_or_incomplete_model_folder_is_a_clear_error(tmp_path, blip2):
     runner = FakePoseRunner()
     make_photos(tmp_path / "data", runner)
@@ -238,8 +293,27 @@ def test_missing_or_incomplete_model_folder_is_a_clear_error(tmp_path, blip2):
     (missing / "model.safetensors").write_bytes((blip2 / "model.safetensors").read_bytes())
     with pytest.raises(C.CaptionModelError, match=rf"{missing}: the blip-2 model or its processor cannot be loaded"):
         prepare_stage1(stage1_config(tmp_path, model=str(missing)), runner)  # no processor/tokenizer files
+    (missing / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(C.CaptionModelError, match=r"holds a 'bert' model, which is not an image-text-to-text"):
+        prepare_stage1(stage1_config(tmp_path, model=str(missing)), runner)
     with pytest.raises(C.CaptionConfigError, match=r"\[captions\] has unknown keys \['modle'\]"):
         stage1_config(tmp_path, model=str(blip2), modle="x")
+
+
+def test_example_config_captions_table_parses():
+    import tomllib
+
+    path = Path(__file__).resolve().parents[1] / "training" / "configs" / "stage1_example.toml"
+    lines = path.read_text().splitlines()
+    start = lines.index("# [captions]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        block.append(line[2:])
+    config = C.caption_config_from_dict(tomllib.loads("\n".join(block))["captions"], path.parent)
+    assert config.model.endswith("blip2-opt-2.7b") and config.prompt is None and not config.overwrite
+    assert C.WordFilter(config.drop_words, config.replace_words)("a young man, tall")[0] == "a person"
 
 
 def test_caption_model_cli_flag(tmp_path, monkeypatch):

@@ -401,13 +401,18 @@ def _generate(todo: list[tuple[Path, str]], config: CaptionConfig, load: Callabl
     try:
         with tqdm(total=len(todo), desc="BoLID captions", unit="photo") as bar:
             for start in range(0, len(todo), config.batch_size):
-                batch = todo[start:start + config.batch_size]
-                images = [Image.fromarray(read_rgb(p)) for p, _ in batch]
-                for (path, stamp), text in zip(batch, captioner(images), strict=True):
+                batch, images = [], []
+                for path, stamp in todo[start:start + config.batch_size]:
+                    try:
+                        images.append(Image.fromarray(read_rgb(path)))
+                        batch.append((path, stamp))
+                    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+                        pass  # a damaged photo: the prepare step skips and reports it
+                for (path, stamp), text in zip(batch, captioner(images) if images else [], strict=True):
                     entries[str(path)] = {"stamp": stamp, "caption": text}
                     raw[str(path)] = text
                     result.generated += 1
-                bar.update(len(batch))
+                bar.update(min(config.batch_size, len(todo) - start))
                 if time.monotonic() - last_save > 60:  # a killed long run keeps most of what it captioned
                     _write_cache(cache_path, fingerprint, config, entries)
                     last_save = time.monotonic()
