@@ -170,15 +170,17 @@ def _check_folder(folder: Path) -> None:
 
 
 def captioner_fingerprint(config: CaptionConfig) -> str:
-    """What the captions depend on: the model folder's files (name, size, mtime), prompt and generation settings.
-    The word filter is not part of it (it applies to cached captions)."""
+    """What the captions depend on: the model folder's files (name, size, mtime; hidden ones not), prompt and
+    generation settings. The word filter is not part of it (it applies to cached captions)."""
     folder = Path(config.model)
     _check_folder(folder)
     h = hashlib.sha256(json.dumps({
         "version": CACHE_VERSION, "max_new_tokens": config.max_new_tokens, "num_beams": config.num_beams,
         "prompt": config.prompt if config.prompt is not None else ["default", DEFAULT_INSTRUCTION,
                                                                    DEFAULT_BLIP2_PROMPT]}, sort_keys=True).encode())
-    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+    # hidden entries (.git, huggingface-cli's .cache) are not the model
+    for p in sorted(q for q in folder.rglob("*")
+                    if q.is_file() and not any(part.startswith(".") for part in q.relative_to(folder).parts)):
         st = p.stat()
         h.update(f"{p.relative_to(folder).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
