@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,7 @@ class PrepareReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dropped_identities: list[tuple[str, str]] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    captions: dict[str, int] = field(default_factory=lambda: {"file": 0, "model": 0, "none": 0})  # over usable views
 
     def skip(self, path: str | Path, reason: str) -> None:
         self.skipped.append((str(path), reason))
@@ -169,8 +170,12 @@ def _fingerprint(settings: dict[str, Any], files: Sequence[Path]) -> str:
 
 
 def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float = 1.15,
-                    progress: Callable[[int, int], None] | None = None) -> PrepareReport:
+                    progress: Callable[[int, int], None] | None = None,
+                    model_captions: Mapping[str, str] | None = None) -> PrepareReport:
     """Run the pose model once over every image and cache crops + keypoints per identity (safetensors).
+
+    ``model_captions`` maps a photo's path (``str``) to a caption made by a captioning model: it is used instead
+    of the photo's caption file (the caller decides which photos get one, e.g. only those without a file).
 
     Skips, each logged with the image path: unreadable file, shortest side below min_resolution, no person,
     several people, body keypoint confidence below min_confidence. An identity left with fewer than min_views
@@ -189,6 +194,9 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
         settings = {"crop_size": config.crop_size, "margin": crop_margin, "min_resolution": min_res,
                     "min_confidence": config.min_confidence, "multi": config.multi_person_ratio,
                     "pose": runner_name, "version": CACHE_FORMAT_VERSION}
+        given = {p.name: model_captions[str(p)] for p in images if model_captions and str(p) in model_captions}
+        if given:  # only then, so caches of datasets without model captions stay valid
+            settings["model_captions"] = hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()
         fingerprint = _fingerprint(settings, images + [c for c in captions if c.is_file()])
         out_path = cache / f"{key}.safetensors"
         dropped_path = cache / f"{key}.dropped.json"
@@ -219,7 +227,7 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
         else:
             dropped_path.unlink(missing_ok=True)
             _write_identity_cache(out_path, name, views, captions, fingerprint, report.skipped[first_skip:],
-                                  crop_margin)
+                                  crop_margin, given, report)
             report.identities[key] = len(views)
             index.append({"key": key, "identity": name, "file": out_path.name, "views": len(views)})
         if progress:
@@ -227,10 +235,12 @@ def prepare_dataset(config: DatasetConfig, pose_runner: Any, crop_margin: float 
     atomic_write_text(cache / INDEX_FILE, json.dumps({"identities": index}, indent=1))
     atomic_write_text(cache / REPORT_FILE, json.dumps(
         {"identities": report.identities, "skipped": report.skipped, "dropped_identities": report.dropped_identities,
-         "reused": report.reused}, indent=1))
+         "reused": report.reused, "captions": report.captions}, indent=1))
     logger.info("BoLID prepare: %d identities, %d views, %d images skipped, %d identities dropped -> %s",
                 len(report.identities), sum(report.identities.values()), len(report.skipped),
                 len(report.dropped_identities), cache)
+    logger.info("BoLID prepare: captions of the usable views: %d from caption files, %d from the captioning model, "
+                "%d without a caption", report.captions["file"], report.captions["model"], report.captions["none"])
     return report
 
 
@@ -263,6 +273,10 @@ def _reuse_cache(path: Path, fingerprint: str, report: PrepareReport) -> int | N
     # skips recorded when the cache was written are reported again, so the report is complete
     for item in json.loads(meta.get("skipped", "[]")):
         report.skip(item[0], item[1])
+    # caches written before caption sources were recorded took every caption from a file
+    texts = json.loads(meta.get("captions", "[]"))
+    for source in json.loads(meta.get("caption_sources", "null")) or ["file" if t else "none" for t in texts]:
+        report.captions[source] = report.captions.get(source, 0) + 1
     return int(meta.get("num_views", "0"))
 
 
@@ -317,12 +331,19 @@ def _select_view(path: Path, img: np.ndarray, people: list[PersonPose], config: 
 
 
 def _write_identity_cache(path: Path, identity: str, views: list[dict[str, Any]], captions: list[Path],
-                          fingerprint: str, skipped: list[tuple[str, str]], crop_margin: float) -> None:
+                          fingerprint: str, skipped: list[tuple[str, str]], crop_margin: float,
+                          model_captions: Mapping[str, str], report: PrepareReport) -> None:
     caption_by_name = {c.with_suffix("").name: c for c in captions}
-    texts = []
+    texts, sources = [], []
     for v in views:
         c = caption_by_name.get(Path(v["name"]).stem)
-        texts.append(c.read_text(encoding="utf-8").strip() if c is not None and c.is_file() else "")
+        if v["name"] in model_captions:
+            texts.append(model_captions[v["name"]].strip())
+            sources.append("model" if texts[-1] else "none")
+        else:
+            texts.append(c.read_text(encoding="utf-8").strip() if c is not None and c.is_file() else "")
+            sources.append("file" if texts[-1] else "none")
+        report.captions[sources[-1]] += 1
     kp = torch.from_numpy(np.stack([v["keypoints"] for v in views]))
     props, conf = body_proportions(kp.double())
     id_props, id_conf = aggregate_proportions(props, conf, dim=0)
@@ -337,6 +358,7 @@ def _write_identity_cache(path: Path, identity: str, views: list[dict[str, Any]]
     }
     metadata = {"bolid_kind": CACHE_KIND, "bolid_format_version": str(CACHE_FORMAT_VERSION), "identity": identity,
                 "files": json.dumps([v["name"] for v in views]), "captions": json.dumps(texts),
+                "caption_sources": json.dumps(sources),
                 "sizes": json.dumps([list(v["size"]) for v in views]), "fingerprint": fingerprint,
                 "num_views": str(len(views)), "skipped": json.dumps(skipped), "crop_margin": repr(float(crop_margin))}
     atomic_save_safetensors(tensors, path, metadata)

@@ -30,6 +30,7 @@ from bolid.dataset import (
     stage1_collate,
 )
 from bolid.errors import BoLIDError
+from training.captions import CaptionConfig, caption_config_from_dict, caption_dataset
 from training.common import (  # noqa: F401 (re-exported)
     CHECKPOINT_PREFIX,
     STATE_FILE,
@@ -88,7 +89,7 @@ class Stage1TrainingConfig:
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """A whole stage-1 config: output_dir, seed, [model], [dataset], [prepare], [training]."""
+    """A whole stage-1 config: output_dir, seed, [model], [dataset], [prepare], [captions], [training]."""
 
     output_dir: Path
     seed: int
@@ -96,11 +97,12 @@ class Stage1Config:
     dataset: Any  # bolid.dataset.DatasetConfig
     training: Stage1TrainingConfig
     prepare: dict[str, Any]
+    captions: CaptionConfig | None = None  # [captions]: a local model captions photos without a caption file
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: str | Path = ".") -> Stage1Config:
         base = Path(base_dir)
-        allowed = {"stage", "output_dir", "seed", "model", "dataset", "training", "prepare"}
+        allowed = {"stage", "output_dir", "seed", "model", "dataset", "training", "prepare", "captions"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise TrainingConfigError(f"stage-1 config has unknown top-level keys {unknown}; known: {sorted(allowed)}")
@@ -117,7 +119,8 @@ class Stage1Config:
                    dataset=dataset_config_from_dict(raw["dataset"], base),
                    training=config_table(Stage1TrainingConfig, dict(raw.get("training", {})), "training",
                                          TrainingConfigError),
-                   prepare=prepare)
+                   prepare=prepare,
+                   captions=caption_config_from_dict(raw["captions"], base) if "captions" in raw else None)
 
 
 def _make_pose_runner(prepare: dict[str, Any]) -> Any:
@@ -144,8 +147,12 @@ def prepare_stage1(config: Stage1Config, pose_runner: Any = None) -> None:
         if not (Path(config.dataset.cache_dir) / "index.json").is_file():
             raise DatasetCacheError(f"no prepared cache in {config.dataset.cache_dir} and no [prepare] pose_model "
                                     "to make one: set [prepare] pose_model to a YOLO pose .onnx file")
+        if config.captions is not None:
+            logger.warning("BoLID prepare: [captions] not applied: the existing cache in %s is used as it is (set "
+                           "[prepare] pose_model so the prepare step can rebuild it)", config.dataset.cache_dir)
         return
-    prepare_dataset(config.dataset, pose_runner, crop_margin=config.model.crop_margin)
+    captions = caption_dataset(config.dataset, config.captions).captions if config.captions is not None else None
+    prepare_dataset(config.dataset, pose_runner, crop_margin=config.model.crop_margin, model_captions=captions)
 
 
 def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: Any = None,

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="TOML config (see training/configs/)")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     parser.add_argument("--prepare-only", action="store_true", help="only build the dataset cache, then exit")
+    parser.add_argument("--caption-model", default=None, metavar="FOLDER",
+                        help="stage 1: caption photos without a caption file with this local model folder "
+                             "(BLIP-2 or another transformers image-text-to-text model); sets [captions] model")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     level = logging.getLevelName(args.log_level.upper())
@@ -70,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     config_path = Path(args.config).resolve()
     try:
         raw = load_config(config_path)
+        if args.caption_model:
+            if raw.get("stage") != 1:
+                raise BoLIDError("--caption-model: captions are made by the stage-1 prepare step (stage 2 reads them "
+                                 "from the stage-1 cache); run it with the stage-1 config")
+            captions = raw.setdefault("captions", {})
+            if not isinstance(captions, dict):
+                raise BoLIDError(f"{config_path}: 'captions' must be a table ([captions])")
+            captions["model"] = str(Path(args.caption_model).resolve())  # relative to the working directory
         result = stage_module(raw, str(config_path)).run(raw, config_path.parent, resume=args.resume,
                                                          prepare_only=args.prepare_only)
     except BoLIDError as exc:
