@@ -13,11 +13,11 @@ import fnmatch
 import re
 import shutil
 import subprocess
-import tomllib
 
 import pytest
 from conftest import REPO_ROOT
 
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the pack itself supports 3.10)
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 # comfy-cli's accepted classifier values (comfy_cli/registry/config_parser.py)
 OS_PREFIXES = ("Microsoft", "POSIX", "MacOS", "OS Independent")
