@@ -1,6 +1,10 @@
-"""Images per second: BoLID's onnxruntime pose/face path vs ultralytics' torch predict, side by side.
+"""Images per second: BoLID's onnxruntime pose/face path vs ultralytics' torch predict / the insightface package.
 
-    python benchmarks/perception.py [--weights yolo11n-pose.pt] [--face-pack DIR] [--repeats 5] [--device cpu|cuda]
+    python benchmarks/perception.py [--weights yolo11n-pose.pt] [--face-pack DIR] [--rounds 7] [--device cpu|cuda]
+
+The two runners of a task are timed in interleaved rounds (each round runs both once, in a shuffled order; the
+speed ratio is taken within a round, its median over rounds printed, with min..max): timed one after the other,
+the ratio swung from 2x to 0.7x between runs on a shared machine (benchmarks/interleave.py).
 
 Without --weights a random-weight yolo11n-pose (person class) is built from ultralytics' yaml: the same network
 cost as the real one (post-processing differs a little with the number of detections). Without --face-pack a
@@ -16,16 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from interleave import measure, throughput_rows  # noqa: E402
 
 from bolid.pose import PoseRunner, export_pose_onnx, ultralytics_offline_env  # noqa: E402
 
@@ -41,16 +46,6 @@ def photos() -> list[np.ndarray]:
     assets = Path(ultralytics.__file__).parent / "assets"
     files = [assets / "zidane.jpg", assets / "bus.jpg", Path(insightface.__file__).parent / "data/images/t1.jpg"]
     return [np.ascontiguousarray(cv2.imread(str(f))[..., ::-1]) for f in files] + [skimage.data.astronaut()]
-
-
-def median_ips(fn, n_images: int, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return n_images / statistics.median(times)
 
 
 def random_pose_weights(folder: Path) -> Path:
@@ -70,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=None, help="a local yolo11*-pose.pt (default: random yolo11n-pose)")
     parser.add_argument("--face-pack", default=None, help="an InsightFace pack folder (default: tiny stand-in)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=7)
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cpu (default) or cuda: onnxruntime CUDA provider, ultralytics on GPU 0")
@@ -86,13 +81,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bolid-bench-"))
     weights = Path(args.weights) if args.weights else random_pose_weights(work)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"torch threads {torch.get_num_threads()}; {len(images)} photos; median of {args.repeats} repeats")
+          f"torch threads {torch.get_num_threads()}; {len(images)} photos; {args.rounds} interleaved rounds")
     if cuda:
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device")
         print(f"device: {torch.cuda.get_device_name(0)} (onnxruntime provider {provider}, ultralytics device 0)")
     print(f"pose weights: {weights.name}")
-    print(f"{'task':<28}{'BoLID onnxruntime':>20}{'ultralytics torch':>20}")
+    print("| task | BoLID onnxruntime | other runner | median speed ratio, BoLID vs other (min..max) |")
+    print("|---|---|---|---|")
     yolo = YOLO(str(weights))
     bgr = [np.ascontiguousarray(im[..., ::-1]) for im in images]
     for imgsz in (320, 640):
@@ -100,29 +96,25 @@ def main() -> None:
         out.mkdir()
         onnx_path = export_pose_onnx(weights, imgsz=imgsz, output=out / f"pose-{imgsz}.onnx")
         runner = PoseRunner(onnx_path, provider)
-        ours = median_ips(lambda r=runner: [r.detect(im, conf=args.conf) for im in images], len(images),
-                          args.repeats)
-        theirs = median_ips(lambda s=imgsz: [yolo.predict(im, imgsz=s, conf=args.conf, rect=False, verbose=False,
-                                                          device=torch_device) for im in bgr], len(images),
-                             args.repeats)
-        print(f"{f'pose, imgsz {imgsz}':<28}{ours:>16.1f} i/s{theirs:>16.1f} i/s")
+        times = measure({
+            "ours": lambda r=runner: [r.detect(im, conf=args.conf) for im in images],
+            "ultralytics": lambda s=imgsz: [yolo.predict(im, imgsz=s, conf=args.conf, rect=False, verbose=False,
+                                                         device=torch_device) for im in bgr],
+        }, args.rounds)
+        (_, ours, ratio, lo, hi), (_, theirs, *_) = throughput_rows(times, len(images), "ultralytics")
+        print(f"| pose, imgsz {imgsz} | {ours:.1f} img/s | ultralytics torch {theirs:.1f} img/s | "
+              f"x{ratio:.2f} ({lo:.2f}..{hi:.2f}) |")
 
-    from bolid.face import FaceAnalyzer
+    from face import compare, default_packs
 
     if args.face_pack:
-        pack, label = Path(args.face_pack), Path(args.face_pack).name
+        packs = [(Path(args.face_pack).name, Path(args.face_pack), images)]
     else:
-        sys.path.insert(0, str(REPO / "tests"))
-        from test_face import build_tiny_pack, face_photo
-
-        pack, label = build_tiny_pack(work / "tinypack"), "tiny stand-in"
-        images = [face_photo((480, 640), (200, 120, 220), seed=i) for i in range(4)]
-    analyzer = FaceAnalyzer(pack, provider)
-    bgr = [np.ascontiguousarray(im[..., ::-1]) for im in images]
-    ours = median_ips(lambda: analyzer.embed(images, no_face="skip"), len(images), args.repeats)
-    direct = median_ips(lambda: [analyzer.app.get(im) for im in bgr], len(images), args.repeats)
-    print(f"{f'face embed ({label})':<28}{ours:>16.1f} i/s{'n/a (no torch path)':>20}")
-    print(f"{'  InsightFace app.get':<28}{direct:>16.1f} i/s   (all faces, default det sizes 128+640)")
+        packs = default_packs(work)
+    for label, pack, face_images in packs:
+        (_, ours, ratio, lo, hi), (_, theirs, *_) = compare(pack, face_images, args.rounds, provider)
+        print(f"| face embedding ({label}) | {ours:.1f} img/s | insightface package {theirs:.1f} img/s | "
+              f"x{ratio:.2f} ({lo:.2f}..{hi:.2f}) |")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,16 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import EmbeddingError
+from .errors import BoLIDError, EmbeddingError
 
 Branch = Literal["face", "body"]
 BRANCHES: tuple[Branch, ...] = ("face", "body")
+NO_BODY_BRANCH = ("this BoLID adapter has no body branch (a face branch imported from IP-Adapter FaceID); the body "
+                  "branch is added by stage-2 training (README: 'Adapter training (stage 2)')")
+
+
+class MissingBranchError(BoLIDError):
+    """The adapter file holds no such branch (e.g. a FaceID import has no body branch)."""
 
 
 def layer_key(index: int) -> str:
@@ -42,17 +48,22 @@ class TokenProjection(nn.Module):
 
 
 class LayerKV(nn.Module):
-    """New key/value projections of one cross-attention layer, one pair per branch."""
+    """New key/value projections of one cross-attention layer, one pair per branch (face only without body)."""
 
-    def __init__(self, context_dim: int, hidden_size: int) -> None:
+    def __init__(self, context_dim: int, hidden_size: int, body: bool = True) -> None:
         super().__init__()
         self.to_k_face = nn.Linear(context_dim, hidden_size, bias=False)
         self.to_v_face = nn.Linear(context_dim, hidden_size, bias=False)
-        self.to_k_body = nn.Linear(context_dim, hidden_size, bias=False)
-        self.to_v_body = nn.Linear(context_dim, hidden_size, bias=False)
+        if body:
+            self.to_k_body = nn.Linear(context_dim, hidden_size, bias=False)
+            self.to_v_body = nn.Linear(context_dim, hidden_size, bias=False)
 
     def projections(self, branch: Branch) -> tuple[nn.Linear, nn.Linear]:
-        return (self.to_k_face, self.to_v_face) if branch == "face" else (self.to_k_body, self.to_v_body)
+        if branch == "face":
+            return self.to_k_face, self.to_v_face
+        if not hasattr(self, "to_k_body"):
+            raise MissingBranchError(NO_BODY_BRANCH)
+        return self.to_k_body, self.to_v_body
 
 
 class BoLIDAdapter(nn.Module):
@@ -63,14 +74,25 @@ class BoLIDAdapter(nn.Module):
         self.config = config
         c = config
         self.face_proj = TokenProjection(c.face_embed_dim, c.context_dim, c.face_tokens, c.proj_mult)
-        self.body_proj = TokenProjection(c.body_dim, c.context_dim, c.body_tokens, c.proj_mult)
-        self.layers = nn.ModuleDict({layer_key(i): LayerKV(c.context_dim, h) for i, h in enumerate(c.hidden_sizes)})
+        if c.body_branch:
+            self.body_proj = TokenProjection(c.body_dim, c.context_dim, c.body_tokens, c.proj_mult)
+        self.layers = nn.ModuleDict({layer_key(i): LayerKV(c.context_dim, h, c.body_branch)
+                                     for i, h in enumerate(c.hidden_sizes)})
+
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        """The branches this adapter holds: both, or only "face" for a FaceID import."""
+        return BRANCHES if self.config.body_branch else ("face",)
 
     def layer(self, index: int) -> LayerKV:
         return self.layers[layer_key(index)]
 
     def projection(self, branch: Branch) -> TokenProjection:
-        return self.face_proj if branch == "face" else self.body_proj
+        if branch == "face":
+            return self.face_proj
+        if not self.config.body_branch:
+            raise MissingBranchError(NO_BODY_BRANCH)
+        return self.body_proj
 
     @torch.no_grad()
     def init_kv_from_base(self, base_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -79,7 +101,7 @@ class BoLIDAdapter(nn.Module):
             raise ValueError(f"expected {self.config.num_layers} (to_k, to_v) pairs, got {len(base_kv)}")
         for i, (w_k, w_v) in enumerate(base_kv):
             layer = self.layer(i)
-            for branch in BRANCHES:
+            for branch in self.branches:
                 to_k, to_v = layer.projections(branch)
                 if to_k.weight.shape != w_k.shape or to_v.weight.shape != w_v.shape:
                     raise ValueError(f"layer {i}: base to_k/to_v shape {tuple(w_k.shape)} does not match "

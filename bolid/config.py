@@ -26,7 +26,8 @@ def describe_layout(num_layers: int, context_dim: int) -> str:
 class AdapterConfig:
     """Dimensions of a BoLID adapter.
 
-    ``hidden_sizes`` lists the inner dim of every cross-attention layer in diffusers order (down blocks, up
+    ``body_branch=False`` is an adapter without body projection and body K/V (files written before this field
+    existed hold both branches, which is the default). ``hidden_sizes`` lists the inner dim of every cross-attention layer in diffusers order (down blocks, up
     blocks, mid block), which is also the IP-Adapter key order 1, 3, 5, ...
     """
 
@@ -37,6 +38,7 @@ class AdapterConfig:
     body_dim: int = 128
     body_tokens: int = 4
     proj_mult: int = 2
+    body_branch: bool = True  # False: face branch only (an IP-Adapter FaceID import), body added by stage 2
     format_version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict, compare=False)
 
@@ -46,6 +48,8 @@ class AdapterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"AdapterConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.body_branch, bool):
+            raise ValueError(f"AdapterConfig.body_branch must be true or false, got {self.body_branch!r}")
         if not self.hidden_sizes:
             raise ValueError("AdapterConfig.hidden_sizes is empty: the adapter needs at least one layer")
 
@@ -58,7 +62,7 @@ class AdapterConfig:
         return family_name(self.num_layers, self.context_dim)
 
     def describe(self) -> str:
-        return describe_layout(self.num_layers, self.context_dim)
+        return describe_layout(self.num_layers, self.context_dim) + ("" if self.body_branch else " (face branch only)")
 
     def to_metadata(self) -> dict[str, str]:
         return {"bolid_kind": ADAPTER_FILE_KIND, "bolid_format_version": str(self.format_version),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .adapter import BRANCHES, BoLIDAdapter, Branch
+from .adapter import BRANCHES, NO_BODY_BRANCH, BoLIDAdapter, Branch, MissingBranchError
 from .attention import BranchKV, decoupled_cross_attention, sdpa_attention
 from .config import AdapterConfig, describe_layout
 from .errors import AdapterMismatchError
@@ -106,6 +106,8 @@ class BoLIDDiffusers:
         """
         self._tokens = {}
         self._kv_cache = {}
+        if body_embeds is not None and not self.adapter.config.body_branch:
+            raise MissingBranchError(f"a body identity was given, but {NO_BODY_BRANCH}")
         given = face_embeds if face_embeds is not None else body_embeds
         if given is None:
             return
@@ -113,10 +115,11 @@ class BoLIDDiffusers:
         config = self.adapter.config
         if face_embeds is None:
             face_embeds = torch.zeros(rows, config.face_embed_dim, device=given.device)
-        if body_embeds is None:
+        if body_embeds is None and config.body_branch:
             body_embeds = torch.zeros(rows, config.body_dim, device=given.device)
         for branch, embeds in (("face", face_embeds), ("body", body_embeds)):
-            self._tokens[branch] = self.adapter.tokens(branch, embeds)
+            if branch in self.adapter.branches:
+                self._tokens[branch] = self.adapter.tokens(branch, embeds)
 
     def branches(self, layer: int, batch: int, device: torch.device, dtype: torch.dtype) -> list[BranchKV]:
         """The active branches' K/V for one layer, broadcast to ``batch`` rows."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..bolid.adapter import BoLIDAdapter, Branch
+from ..bolid.adapter import NO_BODY_BRANCH, BoLIDAdapter, Branch, MissingBranchError
 from ..bolid.adapter_io import BODY_ENCODER_HASH_KEY, load_adapter
 from ..bolid.errors import EmbeddingError
 from ..bolid.identity import BodyID, FaceEmbeds
@@ -71,9 +71,17 @@ class LoadBoLIDAdapter:
 
 
 def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None, face_embeds: FaceEmbeds | None,
-                     trained_hash: str = "") -> dict[Branch, torch.Tensor]:
+                     trained_hash: str = "", weight_body: float = 0.0) -> dict[Branch, torch.Tensor]:
     config = adapter.config
     embeds: dict[Branch, torch.Tensor] = {}
+    if not config.body_branch:
+        # a face-only adapter (IP-Adapter FaceID import): say so instead of silently dropping the body
+        if body_id is not None and face_embeds is None:
+            raise MissingBranchError(f"Apply BoLID Adapter got only a body_id, but {NO_BODY_BRANCH}; connect "
+                                     "face_embeds, or load an adapter trained with a body branch")
+        if body_id is not None or weight_body != 0:
+            logger.warning("BoLID: %s: body_id and weight_body are ignored", NO_BODY_BRANCH)
+        body_id = None
     if face_embeds is not None:
         if face_embeds.embedding.numel() != config.face_embed_dim:
             raise EmbeddingError(f"face embedding has {face_embeds.embedding.numel()} values, the adapter expects "
@@ -93,7 +101,7 @@ def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None, face_embeds:
     # dropped face/body, so body-only (text-only mode) and face-only runs match training.
     if "face" not in embeds:
         embeds["face"] = torch.zeros(1, config.face_embed_dim)
-    if "body" not in embeds:
+    if "body" not in embeds and config.body_branch:
         embeds["body"] = torch.zeros(1, config.body_dim)
     return embeds
 
@@ -131,7 +139,7 @@ class ApplyBoLIDAdapter:
         adapter = bolid_adapter.adapter
         layers = enumerate_cross_attention_layers(model.get_model_object("diffusion_model"))
         ordered = check_adapter_fits(adapter.config, layers)
-        embeds = _identity_embeds(adapter, body_id, face_embeds, bolid_adapter.body_encoder_hash)
+        embeds = _identity_embeds(adapter, body_id, face_embeds, bolid_adapter.body_encoder_hash, weight_body)
         warn_if_body_id_unverified(body_id, bolid_adapter.name, bolid_adapter.body_encoder_hash)
         sampling = model.get_model_object("model_sampling")
         mask = None

@@ -105,7 +105,7 @@ class LoadInsightFace:
 
     def load(self, model_name: str, provider: str) -> tuple[FaceAnalyzer]:
         folder = insightface_pack_dir(model_name)
-        check_face_model_dir(folder)  # before InsightFace, which would try a download
+        check_face_model_dir(folder)  # a clear error naming the folder, before any model is read
         analyzer = FaceAnalyzer(folder, provider=provider)
         logger.info("BoLID: loaded %s", analyzer.describe())
         return (analyzer,)

@@ -190,3 +190,27 @@ def test_pack_imports_without_comfyui(pack):
     assert {"BoLIDLoadAdapter", "BoLIDApplyAdapter"} <= set(pack.NODE_CLASS_MAPPINGS)
     for cls in pack.NODE_CLASS_MAPPINGS.values():
         assert isinstance(cls.RETURN_TYPES, tuple) and isinstance(cls.FUNCTION, str) and cls.CATEGORY
+
+
+def test_face_only_adapter_says_the_body_branch_is_absent(pack, folders, caplog):
+    """A FaceID import has no body branch: Apply runs the face branch and says that body inputs are ignored."""
+    _, extra = folders
+    config = AdapterConfig(context_dim=768, hidden_sizes=SD15_ADAPTER_SIZES, body_branch=False)
+    save_adapter(BoLIDAdapter(config), extra / "faceid.safetensors")
+    nodes = _nodes(pack)
+    (loaded,) = nodes.LoadBoLIDAdapter().load("faceid.safetensors")
+    assert not any("body" in k for k in loaded.adapter.state_dict())
+    model = FakeModelPatcher(fake_sd15_unet())
+    body, face = _identity(pack)
+    with caplog.at_level("WARNING", logger="bolid"):
+        (patched,) = nodes.ApplyBoLIDAdapter().apply(model, loaded, 0.8, 0.0, 0.0, 1.0, face_embeds=face)
+    assert "no body branch" not in caplog.text, "weight_body 0 and no body_id: nothing to warn about"
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    assert patch.state.active_branches() == ["face"] and set(patch.state.embeds) == {"face"}
+    with caplog.at_level("WARNING", logger="bolid"):
+        (patched,) = nodes.ApplyBoLIDAdapter().apply(model, loaded, 0.8, 0.8, 0.0, 1.0, body_id=body, face_embeds=face)
+    assert "no body branch" in caplog.text and "body branch is added by stage-2 training" in caplog.text
+    assert patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)] \
+        .state.active_branches() == ["face"]
+    with pytest.raises(pack.bolid.adapter.MissingBranchError, match="only a body_id.*no body branch"):
+        nodes.ApplyBoLIDAdapter().apply(model, loaded, 0.8, 0.8, 0.0, 1.0, body_id=body)

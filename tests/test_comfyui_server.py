@@ -107,7 +107,7 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("comfy_base")
     models = base / "models"
-    for sub in ("checkpoints", "bolid", "bolid_pose", "bolid_body_ids", "insightface/models"):
+    for sub in ("checkpoints", "bolid", "bolid_pose", "bolid_body_ids", "insightface/models", "loras"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
@@ -132,10 +132,37 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     encoder = BodyEncoder(BodyEncoderConfig(latent_dim=BODY_DIM, crop_size=32, decoder_size=16, width=8, hidden=64))
     save_body_encoder(encoder.eval(), models / "bolid" / ENCODER)
+    _faceid_stand_ins(models)
     for name, img in photos.items():
         Image.fromarray(img).save(base / "input" / f"{name}.png")
     print(f"[server test] model files built in {time.monotonic() - started:.0f} s")
     return base
+
+
+FACEID_ADAPTER = "bolid_test_faceid_sd15.safetensors"
+FACEID_LORA = "test_faceid_lora.safetensors"
+SD15_HIDDEN = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280)  # diffusers order
+
+
+def _faceid_stand_ins(models: Path) -> None:
+    """A face-only adapter as `python -m bolid.faceid import` writes it (random FaceID weights of SD1.5's layout)
+    and a one-layer LoRA in kohya format for core LoraLoaderModelOnly."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bolid.adapter import BoLIDAdapter
+    from bolid.adapter_io import save_adapter
+    from bolid.config import AdapterConfig
+
+    torch.manual_seed(3)
+    adapter = BoLIDAdapter(AdapterConfig(context_dim=768, hidden_sizes=SD15_HIDDEN, body_branch=False))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0.0, 0.02)
+    save_adapter(adapter, models / "bolid" / FACEID_ADAPTER)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 768) * 0.01, f"{key}.lora_up.weight": torch.randn(320, 4) * 0.01,
+               f"{key}.alpha": torch.tensor(4.0)}, str(models / "loras" / FACEID_LORA))
 
 
 class Server:
@@ -184,7 +211,8 @@ class Server:
 def server(comfyui, base_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("comfy_log") / "comfyui.log"
-    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+    # BOLID_SERVER_PYTHON: another interpreter runs the server (tests/test_fresh_install.py's fresh venv)
+    command = [os.environ.get("BOLID_SERVER_PYTHON") or sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base_dir), "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch", "--preview-method", "none"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -367,3 +395,16 @@ def test_photos_to_body_id_then_text_only_workflow_runs(server, base_dir):
     a, b = (np.asarray(im.convert("RGB"), dtype=np.int16) for im in (with_body, without))
     assert a.std() > 0, "the random-weight model decoded a flat image: the comparison would mean nothing"
     assert np.abs(a - b).max() > 0
+
+
+def test_faceid_face_only_workflow_runs(server):
+    """The FaceID template (imported face branch, FaceID LoRA through core LoraLoaderModelOnly, no body branch)."""
+    prompt = _stand_in_files(_prompt("faceid_face_only_sd15"))
+    _set(prompt, "BoLIDLoadAdapter", adapter_name=FACEID_ADAPTER)
+    _set(prompt, "LoraLoaderModelOnly", lora_name=FACEID_LORA)
+    _set(prompt, "LoadImage", image="astronaut.png")
+    entry = server.run(prompt)
+    (image,) = _saved_images(server, entry, prompt, "SaveImage")
+    assert image.size == (64, 64)
+    log = server.log_text()
+    assert "branches: face" in log and "lora key not loaded" not in log

@@ -163,3 +163,39 @@ def test_stage1_crop_margin_must_match_the_body_encoder(tmp_path):
     _check_crop_margin(tmp_path / "a.safetensors", {}, encoder)  # written before the margin was recorded
     with pytest.raises(DatasetCacheError, match=r"a\.safetensors was cropped with crop_margin 1\.3.*uses 1\.15"):
         _check_crop_margin(tmp_path / "a.safetensors", {"crop_margin": "1.3"}, encoder)
+
+
+def test_face_branch_from_faceid_stays_bit_identical_and_body_learns(setup, tmp_path, caplog):
+    """[adapter] face_init: the FaceID weights become the face branch, frozen (EMA on); the body branch trains."""
+    from test_faceid import faceid_state_dict, write_faceid
+
+    from bolid.diffusers_integration import cross_attention_modules
+
+    base = load_base_model(setup["tmp"] / "sd15")
+    faceid = faceid_state_dict(base.unet, tokens=4, seed=3)
+    path = write_faceid(faceid, tmp_path / "ip-adapter-faceid_sd15.bin")
+    out = tmp_path / "faceid_run"
+    config = _config(setup, out)
+    text = config.read_text().replace("[adapter]\n", f'[adapter]\nface_init = "{path}"\n')
+    config.write_text(text + "ema_decay = 0.9\nlearning_rate = 0.01\n")
+    assert train.main(["--config", str(config)]) == 0
+    adapter = load_adapter(out / "bolid_adapter.safetensors")
+    assert adapter.config.face_tokens == 4 and adapter.config.body_branch  # token count from the file, not the config
+    for key, value in adapter.face_proj.state_dict().items():
+        assert torch.equal(value, faceid["image_proj"][key]), key
+    layers = cross_attention_modules(base.unet)
+    body_moved = 0
+    for i, (_, module) in enumerate(layers):
+        to_k, to_v = adapter.layer(i).projections("face")
+        assert torch.equal(to_k.weight, faceid["ip_adapter"][f"{2 * i + 1}.to_k_ip.weight"])
+        assert torch.equal(to_v.weight, faceid["ip_adapter"][f"{2 * i + 1}.to_v_ip.weight"])
+        body_k, _ = adapter.layer(i).projections("body")
+        body_moved += not torch.equal(body_k.weight, module.to_k.weight)  # initialised from the UNet's to_k
+    assert body_moved == len(layers), "every layer's body K must have trained"
+    training = json.loads(read_safetensors_metadata(out / "bolid_adapter.safetensors")["bolid_training"])
+    assert training["face_init"] == "ip-adapter-faceid_sd15.bin"
+    plus = write_faceid(faceid_state_dict(base.unet, plus=True), tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+    config.write_text(text.replace(str(path), str(plus)))
+    with caplog.at_level("ERROR", logger="bolid"):
+        assert train.main(["--config", str(config)]) == 2
+    assert "FaceID Plus / Plus v2" in caplog.text

@@ -22,8 +22,8 @@ EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 UI_DIR = WORKFLOW_DIR / "ui"
 API_DIR = WORKFLOW_DIR / "api"
 WIDGET_LOCK = WORKFLOW_DIR / "spec" / "bolid_widgets.json"
-EXPECTED = ("photo_face_body_sd15", "photo_face_body_sdxl_lightning", "photos_to_body_id",
-            "text_only_body_id_sdxl_lightning")
+EXPECTED = ("faceid_face_only_sd15", "faceid_face_only_sdxl", "photo_face_body_sd15", "photo_face_body_sdxl_lightning",
+            "photos_to_body_id", "text_only_body_id_sdxl_lightning")
 
 
 def _load_build():

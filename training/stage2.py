@@ -20,6 +20,7 @@ from bolid.body_encoder import load_body_encoder
 from bolid.dataset import DatasetConfig, dataset_config_from_dict
 from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
 from bolid.errors import BoLIDError
+from bolid.faceid import copy_faceid_face_branch, faceid_config, read_ip_adapter_file
 from bolid.safetensors_io import read_safetensors_metadata
 from training.common import check_distributed_launch, config_table
 from training.models import BaseModelError, OpenClipFunctions, YoloPoseNet, load_base_model, make_encode_text
@@ -60,12 +61,22 @@ class ModelPaths:
 
 @dataclass(frozen=True)
 class AdapterSettings:
-    """The ``[adapter]`` table (body_dim comes from the Body-ID encoder); ``init`` continues from a BoLID file."""
+    """The ``[adapter]`` table (body_dim comes from the Body-ID encoder); ``init`` continues from a BoLID file.
+
+    ``face_init``: an IP-Adapter FaceID file (.bin / .safetensors, non-Plus) whose weights become the face branch,
+    which then stays frozen: stage 2 trains only the body branch (cheaper, and the community's face weights are
+    kept bit for bit). The face token count comes from the file.
+    """
 
     face_tokens: int = 4
     body_tokens: int = 4
     proj_mult: int = 2
     init: str = ""
+    face_init: str = ""
+
+    @property
+    def frozen_branches(self) -> tuple[str, ...]:
+        return ("face",) if self.face_init else ()
 
 
 def _table(cls: type, raw: dict[str, Any], name: str) -> Any:
@@ -107,8 +118,12 @@ class Stage2Config:
         cache = dict(raw.get("cache", {}))
         cache_dir = (base / cache.pop("dir", str(Path(raw["output_dir"]) / "stage2_cache"))).resolve()
         adapter = dict(raw.get("adapter", {}))
-        if adapter.get("init"):
-            adapter["init"] = str((base / adapter["init"]).resolve())
+        for key in ("init", "face_init"):
+            if adapter.get(key):
+                adapter[key] = str((base / adapter[key]).resolve())
+        if adapter.get("init") and adapter.get("face_init"):
+            raise Stage2ConfigError("[adapter] init and face_init exclude each other: init continues a BoLID adapter "
+                                    "(its face branch included), face_init starts a new one from a FaceID file")
         seed = int(raw.get("seed", 0))
         sampling = {"seed": seed, **raw.get("sampling", {})}
         try:
@@ -174,9 +189,15 @@ def build(config: Stage2Config, device: torch.device | str = "cpu", prepare: boo
         adapter = load_adapter(a.init)
     else:
         torch.manual_seed(config.seed)
-        adapter_cfg = adapter_config_for_unet(base.unet, body_dim=encoder.latent_dim, face_tokens=a.face_tokens,
+        faceid = read_ip_adapter_file(a.face_init) if a.face_init else None
+        face_tokens = faceid_config(faceid, a.face_init)[0].face_tokens if faceid else a.face_tokens
+        adapter_cfg = adapter_config_for_unet(base.unet, body_dim=encoder.latent_dim, face_tokens=face_tokens,
                                               body_tokens=a.body_tokens, proj_mult=a.proj_mult)
         adapter = init_adapter_from_unet(base.unet, adapter_cfg)
+        if faceid is not None:
+            ignored = copy_faceid_face_branch(adapter, faceid, a.face_init)
+            logger.info("BoLID stage 2: face branch from %s (frozen, %d LoRA weights of the file not used)",
+                        a.face_init, ignored)
     if adapter.config.body_dim != encoder.latent_dim:
         raise Stage2ConfigError(f"adapter body_dim {adapter.config.body_dim} != Body-ID encoder latent_dim "
                                 f"{encoder.latent_dim}")
@@ -208,10 +229,11 @@ def run(raw_config: dict[str, Any], config_dir: Path, resume: str | None = None,
     if prepare_only:
         return {"prepared": str(config.cache_dir), **data.describe()}
     result = train_stage2_loop(components, adapter, data, tc, config.loss, output_dir=out, resume=resume,
-                               seed=config.seed, accelerator=accelerator,
+                               seed=config.seed, accelerator=accelerator, freeze=config.adapter.frozen_branches,
                                metadata={"model": {k: getattr(config.model, k) for k in ("pretrained",
                                                                                          "unet_weights")},
                                          # Apply BoLID Adapter refuses Body IDs of any other encoder
+                                         "face_init": Path(config.adapter.face_init).name,
                                          "body_encoder_hash": read_safetensors_metadata(
                                              config.model.body_encoder).get("bolid_encoder_hash", "")})
     return {"step": result["step"], "losses": result["losses"], "export": [str(p) for p in result["export"]]}

@@ -564,8 +564,11 @@ class AdapterEMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        # frozen parameters keep their exact values (decay*v + (1-decay)*v need not round back to v)
+        frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
         for k, v in module.state_dict().items():
-            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
+            if k not in frozen:
+                self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
 
     def copy_to(self, module: nn.Module) -> None:
         module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
@@ -622,20 +625,21 @@ def _cast_frozen(components: Stage2Components, device: torch.device, dtype: torc
                 module.to(device)
 
 
-def freeze_unused_branches(adapter: BoLIDAdapter, lc: LossConfig) -> list[str]:
-    """Freeze the parameters of a branch whose weight (``weight_face`` / ``weight_body``) is 0.
+def freeze_unused_branches(adapter: BoLIDAdapter, lc: LossConfig, also: Sequence[str] = ()) -> list[str]:
+    """Freeze the parameters of a branch whose weight (``weight_face`` / ``weight_body``) is 0, and of ``also``.
 
     Such a branch is skipped in the UNet, so its parameters get no gradient, which DDP (several GPUs) refuses;
-    frozen, they are simply not trained (they keep their initial values in the export). Returns the frozen branches.
+    frozen, they are simply not trained (they keep their initial values in the export). ``also`` names branches
+    frozen on purpose (a face branch imported from IP-Adapter FaceID). Returns the frozen branches.
     """
-    frozen = [b for b, w in (("face", lc.weight_face), ("body", lc.weight_body)) if w == 0]
+    frozen = [b for b, w in (("face", lc.weight_face), ("body", lc.weight_body)) if w == 0 or b in also]
     for branch in frozen:
         adapter.projection(branch).requires_grad_(False)
         for index in range(len(adapter.layers)):
             for proj in adapter.layer(index).projections(branch):
                 proj.requires_grad_(False)
     if frozen:
-        logger.warning("BoLID stage 2: branch weight 0: the %s branch is frozen (not trained)", " and ".join(frozen))
+        logger.warning("BoLID stage 2: the %s branch is frozen (not trained)", " and ".join(frozen))
     return frozen
 
 
@@ -643,7 +647,7 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
                       tc: Stage2TrainingConfig, lc: LossConfig | None = None, output_dir: Path | None = None,
                       resume: str | None = None, seed: int = 0, metadata: dict[str, Any] | None = None,
                       on_step: Callable[[int, dict[str, float]], None] | None = None,
-                      accelerator: Any = None) -> dict[str, Any]:
+                      accelerator: Any = None, freeze: Sequence[str] = ()) -> dict[str, Any]:
     """Train ``adapter`` in place; returns {"step", "losses" (list of per-step dicts), "export" (paths or [])}.
 
     With ``output_dir``: accelerate checkpoints every ``checkpointing_steps`` (``resume="latest"`` continues from
@@ -673,7 +677,7 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
         components.unet.enable_gradient_checkpointing()
     adapter.to(device=device, dtype=torch.float32).train()
     adapter.requires_grad_(True)
-    freeze_unused_branches(adapter, lc)
+    freeze_unused_branches(adapter, lc, freeze)
     model = Stage2Model(adapter, components, lc)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -43,7 +43,7 @@ UPLOAD_KEYS = ("image_upload", "video_upload", "animated_image_upload")
 # Nodes that exist only in ComfyUI's frontend (never sent to the server): type -> widget names.
 FRONTEND_ONLY = {"MarkdownNote": ("text",), "Note": ("text",)}
 CORE_NODE_TYPES = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
-                   "SaveImage", "PreviewImage", "LoadImage", "ImageBatch")
+                   "SaveImage", "PreviewImage", "LoadImage", "ImageBatch", "LoraLoaderModelOnly")
 
 # File names the workflows expect (README "User guide" lists where each goes).
 SDXL_LIGHTNING_CKPT = "sdxl_lightning_4step.safetensors"
@@ -56,6 +56,29 @@ FACE_PACK = "antelopev2"
 BODY_ID_NAME = "my_body"
 PHOTO = "person.png"
 PHOTOS = ("person_1.png", "person_2.png", "person_3.png")
+SDXL_BASE_CKPT = "sd_xl_base_1.0.safetensors"
+# face-only adapters written by `python -m bolid.faceid import <FaceID .bin> --out models/bolid` (default names)
+FACEID_ADAPTER = {"sd15": "bolid_ip-adapter-faceid_sd15.safetensors", "sdxl": "bolid_ip-adapter-faceid_sdxl.safetensors"}
+FACEID_LORA = {"sd15": "ip-adapter-faceid_sd15_lora.safetensors", "sdxl": "ip-adapter-faceid_sdxl_lora.safetensors"}
+FACEID_BIN = {"sd15": "ip-adapter-faceid_sd15.bin", "sdxl": "ip-adapter-faceid_sdxl.bin"}
+FACEID_REPO = "https://huggingface.co/h94/IP-Adapter-FaceID/resolve/main/"
+
+# Where the public files come from: ComfyUI's frontend reads a node's properties.models (name, url, directory)
+# to offer the download of a missing file.
+PUBLIC_MODELS: dict[str, dict[str, str]] = {
+    SD15_CKPT: {"url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                       "v1-5-pruned-emaonly.safetensors", "directory": "checkpoints"},
+    SDXL_LIGHTNING_CKPT: {"url": "https://huggingface.co/ByteDance/SDXL-Lightning/resolve/main/"
+                                 "sdxl_lightning_4step.safetensors", "directory": "checkpoints"},
+    SDXL_BASE_CKPT: {"url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                            "sd_xl_base_1.0.safetensors", "directory": "checkpoints"},
+    **{name: {"url": FACEID_REPO + name, "directory": "loras"} for name in FACEID_LORA.values()},
+}
+
+
+def model_metadata(*names: str) -> tuple[dict[str, str], ...]:
+    """properties.models entries for public files (names without a public source are left out)."""
+    return tuple({"name": n, **PUBLIC_MODELS[n]} for n in names if n in PUBLIC_MODELS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,7 +240,7 @@ def dump_core(comfyui: Path) -> dict:
 
     import nodes  # type: ignore[import-not-found]  # ComfyUI's nodes.py (first on sys.path)
 
-    file_lists = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image")}
+    file_lists = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("LoraLoaderModelOnly", "lora_name")}
     out = {}
     for class_type in CORE_NODE_TYPES:
         cls = nodes.NODE_CLASS_MAPPINGS[class_type]
@@ -250,6 +273,7 @@ class Node:
     title: str | None = None
     size: tuple[int, int] | None = None
     color: str | None = None
+    models: tuple[dict[str, str], ...] = ()  # public files the node loads: {name, url, directory}
 
 
 @dataclass
@@ -326,6 +350,8 @@ def to_ui(workflow: Workflow, specs: dict[str, NodeSpec]) -> dict:
                                  "properties": {} if spec.frontend_only else {"Node name for S&R": node.type},
                                  "widgets_values": [node.widgets.get(w.name, default_widget_value(w))
                                                     for w in spec.widgets]}
+        if node.models:
+            entry["properties"]["models"] = [dict(m) for m in node.models]
         if node.title:
             entry["title"] = node.title
         if node.color:
@@ -397,7 +423,7 @@ def _sampler_part(ckpt: str, adapter: str, width: int, height: int, sampler: dic
                   positive: str = PROMPT) -> tuple[list[Node], list[tuple[int, str, int, str]]]:
     """Checkpoint, adapter, Apply (id 10), prompts, latent, KSampler, decode, save: ids 1-9 and 10."""
     nodes = [
-        Node(1, "CheckpointLoaderSimple", (40, 60), {"ckpt_name": ckpt}),
+        Node(1, "CheckpointLoaderSimple", (40, 60), {"ckpt_name": ckpt}, models=model_metadata(ckpt)),
         Node(2, "BoLIDLoadAdapter", (40, 220), {"adapter_name": adapter}, color=BOLID),
         Node(4, "CLIPTextEncode", (820, 60), {"text": positive}, title="Positive prompt"),
         Node(5, "CLIPTextEncode", (820, 300), {"text": negative}, title="Negative prompt"),
@@ -509,8 +535,56 @@ the preview shows the views used and their weights. Then use the Body ID with th
     return Workflow("photos_to_body_id", "Several photos -> Body ID -> saved", nodes, links)
 
 
+SDXL_SAMPLER = {"steps": 30, "cfg": 6.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
+FACE_PROMPT = "portrait photo of a person in a park, natural light, detailed"
+
+
+def _faceid_face_only(family: str) -> Workflow:
+    """Face identity with no training: an IP-Adapter FaceID file imported as BoLID's face branch, its LoRA
+    through core LoraLoaderModelOnly (as the FaceID authors recommend), the body branch absent (weight 0)."""
+    sd15 = family == "sd15"
+    ckpt = SD15_CKPT if sd15 else SDXL_BASE_CKPT
+    adapter, lora = FACEID_ADAPTER[family], FACEID_LORA[family]
+    nodes, links = _sampler_part(ckpt, adapter, *((512, 768) if sd15 else (1024, 1024)),
+                                 SD15_SAMPLER if sd15 else SDXL_SAMPLER,
+                                 negative=SD15_NEGATIVE, positive=FACE_PROMPT)
+    links.remove((1, "MODEL", 10, "model"))
+    nodes += [
+        Node(3, "LoraLoaderModelOnly", (40, 340), {"lora_name": lora, "strength_model": 0.6},
+             title="FaceID LoRA", models=model_metadata(lora)),
+        Node(10, "BoLIDApplyAdapter", (420, 60), {"weight_face": 0.8, "weight_body": 0.0, "start_at": 0.0,
+                                                  "end_at": 1.0}, color=BOLID),
+        Node(11, "LoadImage", (-420, 200), {"image": PHOTO}, title="Photo of the face", size=(340, 420)),
+        Node(12, "BoLIDLoadInsightFace", (-420, 60), {"model_name": FACE_PACK, "provider": "auto"}, color=BOLID),
+        Node(13, "BoLIDEncodeFace", (420, 360), {"no_face": "error"}, color=BOLID),
+        _note(14, (40, 500), f"""**Face identity from public files, no training.**
+
+1. `models/checkpoints/{ckpt}`
+2. FaceID: download `{FACEID_BIN[family]}` (h94/IP-Adapter-FaceID, the non-Plus file) and import it once:
+   `python -m bolid.faceid import {FACEID_BIN[family]} --out ComfyUI/models/bolid` -> `models/bolid/{adapter}`
+3. `models/loras/{lora}` (same repository)
+4. `models/insightface/models/{FACE_PACK}/` (detector + ArcFace .onnx; buffalo_l works too)
+
+The body branch is absent in an imported FaceID file (weight_body is ignored); stage-2 training adds it.
+Prompts describe the scene, not the face.""", size=(440, 360)),
+    ]
+    links += [(1, "MODEL", 3, "model"), (3, "MODEL", 10, "model"), (12, "face_analysis", 13, "face_analysis"),
+              (11, "IMAGE", 13, "image"), (13, "face_embeds", 10, "face_embeds")]
+    label = "SD1.5" if sd15 else "SDXL"
+    return Workflow(f"faceid_face_only_{family}", f"Face identity from IP-Adapter FaceID ({label}, no training)",
+                    nodes, links)
+
+
+def faceid_face_only_sd15() -> Workflow:
+    return _faceid_face_only("sd15")
+
+
+def faceid_face_only_sdxl() -> Workflow:
+    return _faceid_face_only("sdxl")
+
+
 WORKFLOW_BUILDERS = (text_only_sdxl_lightning, photo_face_body_sdxl_lightning, photos_to_body_id,
-                     photo_face_body_sd15)
+                     photo_face_body_sd15, faceid_face_only_sd15, faceid_face_only_sdxl)
 
 
 def build_all(specs: dict[str, NodeSpec] | None = None) -> dict[Path, str]:

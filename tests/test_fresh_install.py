@@ -1,0 +1,52 @@
+"""A fresh venv with ComfyUI's requirements plus only BoLID's requirements.txt runs the pack (what a
+ComfyUI-Manager install does): gated, slow, needs PyPI.
+
+    BOLID_FRESH_INSTALL=1 COMFYUI_PATH=/path/to/ComfyUI python -m pytest -q tests/test_fresh_install.py
+
+Builds the venv (BOLID_FRESH_VENV=<dir> reuses or places it), installs ComfyUI's requirements.txt (torch pinned to
+the running interpreter's torch version: the build the user already has; plus `requests`, which ComfyUI's
+server imports but does not list) and BoLID's requirements.txt, checks that insightface is absent and exactly one
+onnxruntime is present, then runs the real-ComfyUI server tests (pack import, the photo workflow, the FaceID
+workflow) with that venv's Python running the server (BOLID_SERVER_PYTHON).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, comfyui_path
+
+pytestmark = [pytest.mark.slow, pytest.mark.comfyui,
+              pytest.mark.skipif(os.environ.get("BOLID_FRESH_INSTALL") != "1" or comfyui_path() is None,
+                                 reason="set BOLID_FRESH_INSTALL=1 and COMFYUI_PATH (installs from PyPI, slow)")]
+
+
+def test_fresh_venv_runs_the_photo_and_faceid_workflows(tmp_path):
+    import torch
+
+    comfyui = comfyui_path()
+    venv = Path(os.environ.get("BOLID_FRESH_VENV") or tmp_path / "venv")
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", torch_pin, "requests", "-r",
+                    str(comfyui / "requirements.txt"), "-r", str(REPO_ROOT / "requirements.txt")],
+                   check=True, timeout=7200)
+    probe = subprocess.run([str(python), "-c", "import importlib.util as u, importlib.metadata as m\\n"
+                            "print(u.find_spec('insightface') is None)\\n"
+                            "print(sorted(d.metadata['Name'] for d in m.distributions() "
+                            "if d.metadata['Name'].lower().startswith('onnxruntime')))"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert probe[0] == "True", "insightface must not be installed by requirements.txt"
+    assert probe[1] in ("['onnxruntime']", "['onnxruntime-gpu']", "['onnxruntime_gpu']"), probe[1]
+    env = {**os.environ, "BOLID_SERVER_PYTHON": str(python)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(REPO_ROOT / "tests" / "test_comfyui_server.py"), "-k",
+                             "imports_without_failure or sd15_photo_workflow or faceid_face_only"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=7200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
