@@ -27,7 +27,7 @@ from ..bolid.body_encoder import (
 from ..bolid.body_id_io import BodyIDFileError, blend_body_ids, body_id_path, load_body_id, sample_body_id, save_body_id
 from ..bolid.identity import BodyID
 from ..bolid.keypoints import SKELETON, PersonPose
-from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8, image_names
+from .comfy_batch import batch_progress, check_interrupted, image_list_to_uint8, image_names, one
 from .comfy_env import folder_paths_module, model_file_list, model_file_path, register_model_folders
 
 logger = logging.getLogger("bolid")
@@ -134,15 +134,18 @@ class EncodeBodyFromImages:
 
     RETURN_TYPES = ("BOLID_BODY_ID", "IMAGE")
     RETURN_NAMES = ("body_id", "views_preview")
+    INPUT_IS_LIST = True  # photos of any size, each used whole (a list, not an Image Batch)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes one person's body identity from one or more photos; views are weighted by pose "
-                   "confidence. The preview shows the views used and their weights.")
+                   "confidence. Photos of different sizes: connect Load Images From Folder (BoLID), a list; "
+                   "each photo is used whole. The preview shows the views used and their weights.")
 
-    def encode(self, body_encoder: LoadedBodyEncoder, pose_model: Any, images: torch.Tensor,
+    def encode(self, body_encoder: LoadedBodyEncoder, pose_model: Any, images: torch.Tensor | list[torch.Tensor],
                min_confidence: float, several_people: str = SEVERAL_PEOPLE[0]) -> tuple[BodyID, torch.Tensor]:
-        body_encoder = _loaded(body_encoder)
-        arrays = image_batch_to_uint8(images)
+        body_encoder, pose_model = _loaded(one(body_encoder)), one(pose_model)
+        min_confidence, several_people = float(one(min_confidence)), one(several_people)
+        arrays = image_list_to_uint8(images)
         names = image_names(len(arrays))
         people = _detect(pose_model, arrays)
         poses: list[PersonPose | None] = []

@@ -16,7 +16,7 @@ from ..bolid.face import FaceAnalyzer, check_face_model_dir
 from ..bolid.keypoints import PersonPose
 from ..bolid.onnx_providers import PROVIDER_CHOICES
 from ..bolid.pose import PERSON_CHOICES, PoseRunner, draw_poses
-from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8, image_names
+from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8, image_list_to_uint8, image_names, one
 from .comfy_env import folder_paths_module, model_file_list, model_file_path
 
 logger = logging.getLogger("bolid")
@@ -161,13 +161,15 @@ class EncodeFace:
 
     RETURN_TYPES = ("BOLID_FACE_EMBEDS",)
     RETURN_NAMES = ("face_embeds",)
+    INPUT_IS_LIST = True  # photos of any size (a list from Load Images From Folder), each used whole
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("ArcFace embedding of the largest face in each image, averaged over the batch and renormalised "
                    "(detection retries 640, 512, 384, 256).")
 
-    def encode(self, face_analysis: FaceAnalyzer, image: torch.Tensor, no_face: str):
-        frames = image_batch_to_uint8(image)
+    def encode(self, face_analysis: FaceAnalyzer, image: torch.Tensor | list[torch.Tensor], no_face: str):
+        face_analysis, no_face = one(face_analysis), one(no_face)
+        frames = image_list_to_uint8(image)
         step = batch_progress(len(frames))
         embeds = face_analysis.embed(frames, no_face=no_face, names=image_names(len(frames)),
                                      callback=lambda done, total: step(done))

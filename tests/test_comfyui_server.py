@@ -134,6 +134,10 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
     save_body_encoder(encoder.eval(), models / "bolid" / ENCODER)
     for name, img in photos.items():
         Image.fromarray(img).save(base / "input" / f"{name}.png")
+    # a photo set of three sizes (512x512, 810x1080 portrait, 1280x720 landscape) for Load Images From Folder
+    (base / "input" / "server_photos").mkdir()
+    for name, img in photos.items():
+        Image.fromarray(img).save(base / "input" / "server_photos" / f"{name}.png")
     print(f"[server test] model files built in {time.monotonic() - started:.0f} s")
     return base
 
@@ -345,14 +349,15 @@ def test_photos_to_body_id_then_text_only_workflow_runs(server, base_dir):
     from bolid.body_id_io import load_body_id
 
     photos_prompt = _stand_in_files(_prompt("photos_to_body_id"))
-    loaders = sorted((k for k, n in photos_prompt.items() if n["class_type"] == "LoadImage"), key=int)
-    for node_id, photo in zip(loaders, ("astronaut.png", "bus.png", "zidane.png"), strict=True):
-        photos_prompt[node_id]["inputs"]["image"] = photo
+    _set(photos_prompt, "BoLIDLoadImagesFromFolder", folder="server_photos")
     _set(photos_prompt, "BoLIDSaveBodyID", name="server_test_body", overwrite=True)
     server.run(photos_prompt)
     saved = base_dir / "models" / "bolid_body_ids" / "server_test_body.safetensors"
     body = load_body_id(saved)
     assert body.dim == BODY_DIM and len(body.views) == 3
+    # the three photos of three shapes reached the encoder as a list, each at its own size
+    assert "BoLID: loaded 3 photo(s) from server_photos (astronaut.png 512x512, bus.png 810x1080, " \
+           "zidane.png 1280x720)" in server.log_text()
 
     text_prompt = _stand_in_files(_prompt("text_only_body_id_sdxl_lightning"))
     _set(text_prompt, "BoLIDLoadBodyID", body_id_name=saved.name)

@@ -128,6 +128,11 @@ def test_face_nodes(nodes, comfy_models, pack, caplog):
     assert "no face found in image 2 of 3" in caplog.text
     assert skipped.num_images == 2
     torch.testing.assert_close(skipped.embedding, expected, atol=1e-5, rtol=0)
+    # a list of photos of different sizes (Load Images From Folder): each is used whole
+    tall = face_photo((320, 200), (40, 90, 110), seed=9)
+    (listed,) = nodes.EncodeFace().encode([analyzer], [_as_image(a), _as_image(tall)], ["error"])
+    torch.testing.assert_close(listed.embedding, analyzer.embed([a, tall]).embedding, atol=1e-5, rtol=0)
+    assert listed.num_images == 2
 
 
 def test_missing_insightface_pack_is_clear(nodes, comfy_models):

@@ -55,7 +55,7 @@ POSE_MODEL = "yolo11n-pose.onnx"
 FACE_PACK = "antelopev2"
 BODY_ID_NAME = "my_body"
 PHOTO = "person.png"
-PHOTOS = ("person_1.png", "person_2.png", "person_3.png")
+PHOTO_FOLDER = "my_person"  # a sub-folder of ComfyUI's input/ with the photos of one person
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,6 +171,7 @@ def stand_in_folder_paths():
         fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths.get(name, ([], set()))[0])
         fp.get_filename_list = lambda name: []
         fp.get_full_path = lambda name, filename: None
+        fp.get_input_directory = lambda: str(Path(models) / "input")  # absent: folder lists are empty
         sys.modules["folder_paths"] = fp
         try:
             yield fp
@@ -483,30 +484,28 @@ def photo_face_body_sd15() -> Workflow:
 
 def photos_to_body_id() -> Workflow:
     nodes = [
-        Node(1, "LoadImage", (40, 60), {"image": PHOTOS[0]}, title="Photo 1", size=(300, 320)),
-        Node(2, "LoadImage", (40, 420), {"image": PHOTOS[1]}, title="Photo 2", size=(300, 320)),
-        Node(3, "LoadImage", (40, 780), {"image": PHOTOS[2]}, title="Photo 3", size=(300, 320)),
-        Node(4, "ImageBatch", (380, 300)),
-        Node(5, "ImageBatch", (380, 440)),
-        Node(6, "BoLIDLoadPoseModel", (380, 60), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),
-        Node(7, "BoLIDLoadBodyEncoder", (380, 180), {"encoder_name": BODY_ENCODER}, color=BOLID),
-        Node(8, "BoLIDEncodeBodyFromImages", (720, 60), {"min_confidence": 0.3, "several_people": "use the largest"},
+        Node(1, "BoLIDLoadImagesFromFolder", (40, 60), {"folder": PHOTO_FOLDER}, title="Photos of the person",
              color=BOLID),
-        Node(9, "BoLIDSaveBodyID", (1120, 60), {"name": BODY_ID_NAME, "overwrite": False}, color=BOLID),
-        Node(10, "PreviewImage", (1120, 240), title="Views used and their weights", size=(520, 360)),
-        _note(11, (720, 300), f"""**Several photos -> one Body ID**, saved to `models/bolid_body_ids/{BODY_ID_NAME}.safetensors`.
+        Node(6, "BoLIDLoadPoseModel", (40, 200), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),
+        Node(7, "BoLIDLoadBodyEncoder", (40, 340), {"encoder_name": BODY_ENCODER}, color=BOLID),
+        Node(8, "BoLIDEncodeBodyFromImages", (420, 60), {"min_confidence": 0.3, "several_people": "use the largest"},
+             color=BOLID),
+        Node(9, "BoLIDSaveBodyID", (820, 60), {"name": BODY_ID_NAME, "overwrite": False}, color=BOLID),
+        Node(10, "PreviewImage", (820, 240), title="Views used and their weights", size=(520, 360)),
+        _note(11, (40, 480), f"""**Several photos -> one Body ID**, saved to `models/bolid_body_ids/{BODY_ID_NAME}.safetensors`.
 
-Files: `models/bolid/{BODY_ENCODER}`, `models/bolid_pose/{POSE_MODEL}`.
+Files: `models/bolid/{BODY_ENCODER}`, `models/bolid_pose/{POSE_MODEL}`; the photos in `input/{PHOTO_FOLDER}/`
+(jpg, png, webp).
 
-Add photos with more **Image Batch** nodes. Image Batch resizes (and centre-crops) every photo to the first one's
-size: use photos of similar aspect ratio. Views whose body-joint confidence is below min_confidence are skipped;
-the preview shows the views used and their weights. Then use the Body ID with the text-only workflow.""",
-              size=(360, 330)),
+**Load Images From Folder** hands every photo on at its own size: portrait and landscape photos are used whole
+(core Image Batch would resize and centre-crop them to the first one's size, cutting off heads or feet). Views whose
+body-joint confidence is below min_confidence are skipped; the preview shows the views used and their weights.
+Then use the Body ID with the text-only workflow.""",
+              size=(360, 360)),
     ]
-    links = [(1, "IMAGE", 4, "image1"), (2, "IMAGE", 4, "image2"), (4, "IMAGE", 5, "image1"), (3, "IMAGE", 5, "image2"),
-             (7, "body_encoder", 8, "body_encoder"), (6, "pose_model", 8, "pose_model"), (5, "IMAGE", 8, "images"),
+    links = [(7, "body_encoder", 8, "body_encoder"), (6, "pose_model", 8, "pose_model"), (1, "images", 8, "images"),
              (8, "body_id", 9, "body_id"), (8, "views_preview", 10, "images")]
-    return Workflow("photos_to_body_id", "Several photos -> Body ID -> saved", nodes, links)
+    return Workflow("photos_to_body_id", "Photos of any size -> Body ID -> saved", nodes, links)
 
 
 WORKFLOW_BUILDERS = (text_only_sdxl_lightning, photo_face_body_sdxl_lightning, photos_to_body_id,

@@ -58,8 +58,10 @@ def _prepare_base(base: Path) -> None:
         photo = skimage.data.astronaut()
     except ImportError:
         photo = np.full((512, 512, 3), 128, np.uint8)
-    for name in ("person.png", "person_1.png", "person_2.png", "person_3.png"):
-        Image.fromarray(photo).save(base / "input" / name)
+    Image.fromarray(photo).save(base / "input" / "person.png")
+    (base / "input" / "my_person").mkdir()  # the photo folder photos_to_body_id preselects
+    for name in ("person_1.png", "person_2.png"):
+        Image.fromarray(photo).save(base / "input" / "my_person" / name)
 
 
 def main(argv: list[str] | None = None) -> int:
