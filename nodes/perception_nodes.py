@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from ..bolid.face import FaceAnalyzer, check_face_model_dir
-from ..bolid.keypoints import PersonPose
+from ..bolid.keypoints import PERSON_CHOICES, DetectedPoses, PersonPose, select_person
 from ..bolid.onnx_providers import PROVIDER_CHOICES
-from ..bolid.pose import PERSON_CHOICES, PoseRunner, draw_poses
-from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8, image_list_to_uint8, image_names, one
+from ..bolid.pose import PoseRunner
+from ..bolid.skeleton import draw_poses
+from .comfy_batch import batch_progress, check_interrupted, image_list_to_uint8, image_names, one
 from .comfy_env import folder_paths_module, model_file_list, model_file_path
 
 logger = logging.getLogger("bolid")
@@ -125,27 +126,34 @@ class DetectBodyPose:
 
     RETURN_TYPES = ("BOLID_POSES", "IMAGE")
     RETURN_NAMES = ("poses", "preview")
+    INPUT_IS_LIST = True  # a list of photos of any sizes (Load Images From Folder) is detected as one set
+    OUTPUT_IS_LIST = (False, True)  # one BOLID_POSES for the whole set; a preview per photo, at its size
     FUNCTION = "detect"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Finds the main person in each image: box and 17 COCO keypoints with confidences (None where "
-                   "nobody is found), plus a preview with the skeleton drawn.")
+                   "nobody is found), plus a preview with the skeleton drawn. Connect poses to Encode Body From "
+                   "Images (detects nothing again) or to Poses To OpenPose Image (ControlNet).")
 
-    def detect(self, pose_model: PoseRunner, image: torch.Tensor, confidence: float,
-               person: str) -> tuple[list[PersonPose | None], torch.Tensor]:
-        frames = image_batch_to_uint8(image)
+    def detect(self, pose_model: PoseRunner, image: torch.Tensor | list[torch.Tensor], confidence: float,
+               person: str) -> tuple[DetectedPoses, list[torch.Tensor]]:
+        pose_model, confidence, person = one(pose_model), float(one(confidence)), one(person)
+        frames = image_list_to_uint8(image)
         step = batch_progress(len(frames))
-        poses: list[PersonPose | None] = []
+        main: list[PersonPose | None] = []
+        everyone: list[list[PersonPose]] = []
         previews = []
         for i, (frame, name) in enumerate(zip(frames, image_names(len(frames)), strict=True), start=1):
             check_interrupted()
-            main = pose_model.detect_main(frame, conf=confidence, choice=person)[0]
-            if main is None:
+            people = pose_model.detect(frame, conf=confidence)[0]
+            chosen = select_person(people, person)
+            if chosen is None:
                 logger.warning("BoLID: no person found in %s (confidence >= %.2f)", name, confidence)
-            poses.append(main)
-            previews.append(draw_poses(frame, [main]))
+            main.append(chosen)
+            everyone.append(people)
+            previews.append(torch.from_numpy(draw_poses(frame, [chosen]).astype(np.float32) / 255.0)[None])
             step(i)
-        preview = torch.from_numpy(np.stack(previews).astype(np.float32) / 255.0)
-        return (poses, preview)
+        poses = DetectedPoses(main, everyone, [(f.shape[1], f.shape[0]) for f in frames])
+        return (poses, previews)
 
 
 class EncodeFace:

@@ -150,9 +150,15 @@ def test_encode_body_from_images(nodes, loaded, caplog):
     assert preview.shape == (2, 192, 192, 3) and 0 <= preview.min() and preview.max() <= 1
     log = caplog.text
     assert "image 2 of 4: no person detected" in log and "image 4 of 4: body keypoint confidence 0.10" in log
+    # the one several-people rule (bolid.keypoints.choose_person, also the dataset's): a small bystander is
+    # ignored, a second person of >= 0.3x the main box area makes "skip the image" skip the photo
+    skip, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3, "skip the image")
+    assert skip.views == ("image 1 of 4", "image 3 of 4")
+    pose.add(images[2], [standing_person(45, 1.0, 0.8), standing_person(20, 0.8)])
     skip, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3, "skip the image")
     assert skip.views == ("image 1 of 4",)
-    assert "skipped image 3 of 4: 2 people detected" in caplog.text
+    assert "skipped image 3 of 4: several people (2 detected" in caplog.text
+    pose.add(images[2], [standing_person(45, 1.0, 0.8), standing_person(20, 0.4)])
     # the identity does not depend on the order of the photos
     again, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images[[2, 1, 0]], 0.3)
     torch.testing.assert_close(again.c_body, body_id.c_body, rtol=1e-5, atol=1e-6)
@@ -346,3 +352,36 @@ def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, be, loaded, tm
     before = image_nodes.LoadImagesFromFolder.IS_CHANGED("me")
     Image.fromarray(photos["a_portrait.png"]).save(folder / "c_more.png")
     assert image_nodes.LoadImagesFromFolder.IS_CHANGED("me") != before
+
+
+def test_encode_body_uses_the_poses_of_detect_body_pose(pack, nodes, loaded, be):
+    """With poses connected, Encode Body detects nothing itself, applies its several-people policy to every person
+    Detect Body Pose found, and refuses poses of other images."""
+    images = comfy_images(3)
+    pose = FakePoseModel()
+    pair = [standing_person(45, 1.0, 0.8), standing_person(20, 0.8)]
+    pose.add(images[0], [standing_person()])
+    pose.add(images[1], pair)
+    itself, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3, "use the largest")
+
+    class Refuses:
+        def detect(self, images):
+            raise AssertionError("Encode Body detected again although poses were connected")
+
+    kp = pack.bolid.keypoints
+    people = [[standing_person()], pair, []]
+    detected = kp.DetectedPoses([kp.select_person(p) for p in people], people, [(90, 110)] * 3)
+    reused, _ = nodes.EncodeBodyFromImages().encode([loaded], [Refuses()], [images], [0.3], ["use the largest"],
+                                                    poses=[detected])
+    torch.testing.assert_close(reused.c_body, itself.c_body)
+    assert reused.views == itself.views == ("image 1 of 3", "image 2 of 3")
+    skipped, _ = nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images, 0.3, "skip the image", poses=detected)
+    assert skipped.views == ("image 1 of 3",)
+    # a plain list (one PersonPose | None per image) works as well
+    plain, _ = nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images, 0.3, poses=list(detected))
+    torch.testing.assert_close(plain.c_body, itself.c_body)
+    with pytest.raises(be.BodyEncodeError, match=r"cover 3 image\(s\) but 2 image\(s\)"):
+        nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images[:2], 0.3, poses=detected)
+    other = kp.DetectedPoses(list(detected), people, [(90, 110), (200, 100), (90, 110)])
+    with pytest.raises(be.BodyEncodeError, match="image 2 of 3 were detected on a 200x100 image"):
+        nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images, 0.3, poses=other)

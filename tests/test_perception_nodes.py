@@ -94,13 +94,21 @@ def test_pose_nodes(nodes, comfy_models, pack, caplog):
     assert len(poses) == 2 and all(isinstance(p, pack.bolid.keypoints.PersonPose) for p in poses)
     direct = model.detect(zidane, conf=0.1)[0]
     assert poses[0].score == max(p.score for p in direct)
-    assert preview.shape == (2, *zidane.shape) and preview.dtype == torch.float32
-    assert 0.0 <= float(preview.min()) and float(preview.max()) <= 1.0
-    assert not torch.equal(preview[0], _as_image(zidane)[0])  # something was drawn
+    # every person found travels along (for Encode Body's several-people rule), with the image sizes
+    assert len(poses.people[0]) == len(direct) and poses.sizes == [(zidane.shape[1], zidane.shape[0])] * 2
+    assert len(preview) == 2 and preview[0].shape == (1, *zidane.shape) and preview[0].dtype == torch.float32
+    assert 0.0 <= float(preview[0].min()) and float(preview[0].max()) <= 1.0
+    assert not torch.equal(preview[0][0], _as_image(zidane)[0])  # something was drawn
+    # a list of photos of different sizes (ComfyUI hands list nodes every input as a list): one set of poses
+    photo_bus = comfy_models["photos"]["bus"]
+    listed, previews = nodes.DetectBodyPose().detect([model], [_as_image(zidane), _as_image(photo_bus)], [0.1],
+                                                     ["largest"])
+    assert listed.sizes == [(zidane.shape[1], zidane.shape[0]), (photo_bus.shape[1], photo_bus.shape[0])]
+    assert [tuple(p.shape) for p in previews] == [(1, *zidane.shape), (1, *photo_bus.shape)]
     # nobody above the threshold: None, and the preview is the image itself
     caplog.clear()
     poses, preview = nodes.DetectBodyPose().detect(model, _as_image(zidane), 1.0, "largest")
-    assert poses == [None] and torch.equal(preview[0], _as_image(zidane)[0])
+    assert poses == [None] and torch.equal(preview[0][0], _as_image(zidane)[0])
     assert "no person found in image 1 of 1" in caplog.text
 
 

@@ -173,6 +173,7 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
                                          collate_fn=stage1_collate, num_workers=tc.num_workers,
                                          persistent_workers=False)
     model = BodyEncoder(config.model)
+    model.view_size = config.dataset.crop_size  # the cached views' side: inference cuts views at it too
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 

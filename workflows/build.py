@@ -488,23 +488,27 @@ def photos_to_body_id() -> Workflow:
              color=BOLID),
         Node(6, "BoLIDLoadPoseModel", (40, 200), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),
         Node(7, "BoLIDLoadBodyEncoder", (40, 340), {"encoder_name": BODY_ENCODER}, color=BOLID),
-        Node(8, "BoLIDEncodeBodyFromImages", (420, 60), {"min_confidence": 0.3, "several_people": "use the largest"},
+        Node(2, "BoLIDDetectBodyPose", (420, 60), {"confidence": 0.25, "person": "largest"}, color=BOLID),
+        Node(3, "PreviewImage", (420, 260), title="Detected poses", size=(340, 360)),
+        Node(8, "BoLIDEncodeBodyFromImages", (820, 60), {"min_confidence": 0.3, "several_people": "use the largest"},
              color=BOLID),
-        Node(9, "BoLIDSaveBodyID", (820, 60), {"name": BODY_ID_NAME, "overwrite": False}, color=BOLID),
-        Node(10, "PreviewImage", (820, 240), title="Views used and their weights", size=(520, 360)),
+        Node(9, "BoLIDSaveBodyID", (1220, 60), {"name": BODY_ID_NAME, "overwrite": False}, color=BOLID),
+        Node(10, "PreviewImage", (1220, 240), title="Views used and their weights", size=(520, 360)),
         _note(11, (40, 480), f"""**Several photos -> one Body ID**, saved to `models/bolid_body_ids/{BODY_ID_NAME}.safetensors`.
 
 Files: `models/bolid/{BODY_ENCODER}`, `models/bolid_pose/{POSE_MODEL}`; the photos in `input/{PHOTO_FOLDER}/`
 (jpg, png, webp).
 
 **Load Images From Folder** hands every photo on at its own size: portrait and landscape photos are used whole
-(core Image Batch would resize and centre-crop them to the first one's size, cutting off heads or feet). Views whose
-body-joint confidence is below min_confidence are skipped; the preview shows the views used and their weights.
-Then use the Body ID with the text-only workflow.""",
+(core Image Batch would resize and centre-crop them to the first one's size, cutting off heads or feet).
+**Detect Body Pose** runs once; Encode Body uses its poses (several_people decides what a group photo gives).
+Views whose body-joint confidence is below min_confidence are skipped; the preview shows the views used and their
+weights. Then use the Body ID with the text-only workflow.""",
               size=(360, 360)),
     ]
     links = [(7, "body_encoder", 8, "body_encoder"), (6, "pose_model", 8, "pose_model"), (1, "images", 8, "images"),
-             (8, "body_id", 9, "body_id"), (8, "views_preview", 10, "images")]
+             (6, "pose_model", 2, "pose_model"), (1, "images", 2, "image"), (2, "poses", 8, "poses"),
+             (2, "preview", 3, "images"), (8, "body_id", 9, "body_id"), (8, "views_preview", 10, "images")]
     return Workflow("photos_to_body_id", "Photos of any size -> Body ID -> saved", nodes, links)
 
 
