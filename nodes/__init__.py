@@ -13,6 +13,7 @@ from .comfy_env import register_model_folders_if_in_comfyui
 _NODE_MODULES = (
     "adapter_nodes",
     "body_nodes",
+    "face_nodes",
     "image_nodes",
     "perception_nodes",
 )

@@ -12,7 +12,8 @@ import os
 import numpy as np
 import torch
 
-from ..bolid.face import FaceAnalyzer, check_face_model_dir
+from ..bolid.face import FaceAnalyzer, NoFaceError, check_face_model_dir
+from ..bolid.face_id_io import FaceWeightsError, parse_photo_weights, weighted_face_average
 from ..bolid.keypoints import PERSON_CHOICES, DetectedPoses, PersonPose, select_person
 from ..bolid.onnx_providers import PROVIDER_CHOICES
 from ..bolid.pose import PoseRunner
@@ -165,6 +166,10 @@ class EncodeFace:
             "no_face": (["error", "skip"], {"default": "error",
                                            "tooltip": "an image without a face: stop with an error naming it, "
                                                       "or leave it out of the average"}),
+        }, "optional": {
+            "photo_weights": ("STRING", {"default": "", "tooltip": "one weight per photo, comma-separated, in the "
+                                                                   "photos' order (e.g. 1, 1, 0.5); empty = equal "
+                                                                   "weights"}),
         }}
 
     RETURN_TYPES = ("BOLID_FACE_EMBEDS",)
@@ -172,16 +177,41 @@ class EncodeFace:
     INPUT_IS_LIST = True  # photos of any size (a list from Load Images From Folder), each used whole
     FUNCTION = "encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("ArcFace embedding of the largest face in each image, averaged over the batch and renormalised "
-                   "(detection retries 640, 512, 384, 256).")
+    DESCRIPTION = ("ArcFace embedding of the largest face in each image, averaged over the photos (weighted by "
+                   "photo_weights) and renormalised (detection retries 640, 512, 384, 256).")
 
-    def encode(self, face_analysis: FaceAnalyzer, image: torch.Tensor | list[torch.Tensor], no_face: str):
-        face_analysis, no_face = one(face_analysis), one(no_face)
+    def encode(self, face_analysis: FaceAnalyzer, image: torch.Tensor | list[torch.Tensor], no_face: str,
+               photo_weights: str = ""):
+        face_analysis, no_face, photo_weights = one(face_analysis), one(no_face), one(photo_weights)
+        if no_face not in ("error", "skip"):
+            raise ValueError(f"no_face must be 'error' or 'skip', got {no_face!r}")
         frames = image_list_to_uint8(image)
+        names = image_names(len(frames))
+        weights = parse_photo_weights(photo_weights, len(frames))
         step = batch_progress(len(frames))
-        embeds = face_analysis.embed(frames, no_face=no_face, names=image_names(len(frames)),
-                                     callback=lambda done, total: step(done))
-        logger.info("BoLID: face embedding from %d of %d images", embeds.num_images, len(frames))
+        found, used_names, used_weights, skipped = [], [], [], []
+        for i, (frame, name, weight) in enumerate(zip(frames, names, weights, strict=True), start=1):
+            try:
+                one_face = face_analysis.embed([frame], no_face="error", names=[name])
+            except NoFaceError:
+                if no_face == "error":
+                    raise
+                logger.warning("BoLID: no face found in %s: skipped", name)
+                skipped.append(name)
+                step(i)
+                continue
+            found.append(one_face)
+            used_names.append(name)
+            used_weights.append(weight)
+            step(i)
+        if not found:
+            raise NoFaceError(f"no face found in any of the {len(frames)} images ({', '.join(skipped)})")
+        if sum(used_weights) <= 0:
+            raise FaceWeightsError("every photo with a face has weight 0: give at least one of them a weight > 0")
+        embeds = weighted_face_average([f.embedding for f in found], used_weights, used_names,
+                                       source=found[0].source)
+        logger.info("BoLID: face embedding from %d of %d images (%s)", len(found), len(frames),
+                    ", ".join(f"{n} w={w:g}" for n, w in zip(used_names, used_weights, strict=True)))
         return (embeds,)
 
 

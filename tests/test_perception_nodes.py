@@ -141,6 +141,9 @@ def test_face_nodes(nodes, comfy_models, pack, caplog):
     (listed,) = nodes.EncodeFace().encode([analyzer], [_as_image(a), _as_image(tall)], ["error"])
     torch.testing.assert_close(listed.embedding, analyzer.embed([a, tall]).embedding, atol=1e-5, rtol=0)
     assert listed.num_images == 2
+    # per-photo weights: weight 0 leaves a photo out of the average
+    (only_a,) = nodes.EncodeFace().encode([analyzer], [_as_image(a), _as_image(tall)], ["error"], ["1, 0"])
+    torch.testing.assert_close(only_a.embedding, analyzer.embed([a]).embedding, atol=1e-5, rtol=0)
 
 
 def test_missing_insightface_pack_is_clear(nodes, comfy_models):
