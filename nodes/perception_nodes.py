@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..bolid.errors import BoLIDError
 from ..bolid.face import FaceAnalyzer, NoFaceError, check_face_model_dir
 from ..bolid.face_id_io import FaceWeightsError, parse_photo_weights, weighted_face_average
 from ..bolid.keypoints import PERSON_CHOICES, DetectedPoses, PersonPose, select_person
 from ..bolid.onnx_providers import PROVIDER_CHOICES
 from ..bolid.pose import PoseRunner
-from ..bolid.skeleton import draw_poses
+from ..bolid.skeleton import KEYPOINT_DRAW_CONF, draw_poses, fit_into, openpose_image
 from .comfy_batch import batch_progress, check_interrupted, image_list_to_uint8, image_names, one
 from .comfy_env import folder_paths_module, model_file_list, model_file_path
 
 logger = logging.getLogger("bolid")
 CATEGORY = "BoLID/perception"
 DEFAULT_FACE_PACKS = ("antelopev2", "buffalo_l")
+OPENPOSE_PEOPLE = ("main person", "everyone detected")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,15 +218,65 @@ class EncodeFace:
         return (embeds,)
 
 
+class PoseControlError(BoLIDError):
+    """Poses cannot be drawn: no size known, or nothing to draw."""
+
+
+class PosesToOpenPose:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "poses": ("BOLID_POSES", {"tooltip": "poses from Detect Body Pose (BoLID)"}),
+            "min_confidence": ("FLOAT", {"default": KEYPOINT_DRAW_CONF, "min": 0.0, "max": 1.0, "step": 0.01,
+                                         "tooltip": "joints below this confidence are left out (and their limbs)"}),
+            "people": (list(OPENPOSE_PEOPLE), {"default": OPENPOSE_PEOPLE[0],
+                                              "tooltip": "draw only the main person, or everyone detected"}),
+            "width": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8,
+                              "tooltip": "control image width; 0 = the photo's. Set width and height to the "
+                                         "generated image's size: the pose is fitted in, centred, never cut"}),
+            "height": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8,
+                               "tooltip": "control image height; 0 = the photo's"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "render"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Draws BoLID's detected poses (COCO-17) as an OpenPose control image (18 points with a neck, "
+                   "the OpenPose colours, on black) for ControlNet OpenPose models: pose from a reference photo, "
+                   "identity from BoLID.")
+
+    def render(self, poses: Any, min_confidence: float, people: str, width: int, height: int
+               ) -> tuple[torch.Tensor]:
+        if people not in OPENPOSE_PEOPLE:
+            raise ValueError(f"people must be one of {OPENPOSE_PEOPLE}, got {people!r}")
+        sizes = getattr(poses, "sizes", None)
+        everyone = getattr(poses, "people", None)
+        if not len(poses):
+            raise PoseControlError("Poses To OpenPose Image: no poses given")
+        if (not width or not height) and sizes is None:
+            raise PoseControlError("Poses To OpenPose Image: these poses carry no image size; set width and height")
+        target = (width or sizes[0][0], height or sizes[0][1])
+        frames = []
+        for i, main in enumerate(poses):
+            drawn = (everyone[i] if everyone is not None else [main]) if people == OPENPOSE_PEOPLE[1] else [main]
+            source = sizes[i] if sizes is not None else target
+            scale, offset = fit_into(source, target)
+            frames.append(openpose_image(drawn, target[0], target[1], min_confidence, scale, offset))
+        return (torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0),)
+
+
 NODE_CLASS_MAPPINGS = {
     "BoLIDLoadPoseModel": LoadPoseModel,
     "BoLIDLoadInsightFace": LoadInsightFace,
     "BoLIDDetectBodyPose": DetectBodyPose,
     "BoLIDEncodeFace": EncodeFace,
+    "BoLIDPosesToOpenPose": PosesToOpenPose,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BoLIDLoadPoseModel": "Load Pose Model (YOLO ONNX)",
     "BoLIDLoadInsightFace": "Load InsightFace",
     "BoLIDDetectBodyPose": "Detect Body Pose",
     "BoLIDEncodeFace": "Encode Face",
+    "BoLIDPosesToOpenPose": "Poses To OpenPose Image (BoLID)",
 }

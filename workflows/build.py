@@ -43,7 +43,8 @@ UPLOAD_KEYS = ("image_upload", "video_upload", "animated_image_upload")
 # Nodes that exist only in ComfyUI's frontend (never sent to the server): type -> widget names.
 FRONTEND_ONLY = {"MarkdownNote": ("text",), "Note": ("text",)}
 CORE_NODE_TYPES = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
-                   "SaveImage", "PreviewImage", "LoadImage", "ImageBatch")
+                   "SaveImage", "PreviewImage", "LoadImage", "ImageBatch", "ControlNetLoader",
+                   "ControlNetApplyAdvanced")
 
 # File names the workflows expect (README "User guide" lists where each goes).
 SDXL_LIGHTNING_CKPT = "sdxl_lightning_4step.safetensors"
@@ -55,6 +56,8 @@ POSE_MODEL = "yolo11n-pose.onnx"
 FACE_PACK = "antelopev2"
 BODY_ID_NAME = "my_body"
 PHOTO = "person.png"
+CONTROLNET_OPENPOSE_SD15 = "control_v11p_sd15_openpose.safetensors"
+POSE_PHOTO = "pose_reference.png"
 PHOTO_FOLDER = "my_person"  # a sub-folder of ComfyUI's input/ with the photos of one person
 
 
@@ -218,7 +221,8 @@ def dump_core(comfyui: Path) -> dict:
 
     import nodes  # type: ignore[import-not-found]  # ComfyUI's nodes.py (first on sys.path)
 
-    file_lists = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image")}
+    file_lists = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"),
+                  ("ControlNetLoader", "control_net_name")}
     out = {}
     for class_type in CORE_NODE_TYPES:
         cls = nodes.NODE_CLASS_MAPPINGS[class_type]
@@ -512,8 +516,48 @@ weights. Then use the Body ID with the text-only workflow.""",
     return Workflow("photos_to_body_id", "Photos of any size -> Body ID -> saved", nodes, links)
 
 
+def pose_controlnet_body_id_sd15() -> Workflow:
+    """Pose from a reference photo (ControlNet OpenPose), body identity from a stored Body ID (BoLID)."""
+    nodes, links = _sampler_part(SD15_CKPT, ADAPTER_SD15, 512, 768, SD15_SAMPLER, negative=SD15_NEGATIVE,
+                                 positive="full-body photo of a person in a park, natural light, detailed")
+    links = [link for link in links if link[2:] not in ((7, "positive"), (7, "negative"))]
+    nodes += [
+        Node(3, "BoLIDLoadBodyID", (40, 340), {"body_id_name": f"{BODY_ID_NAME}.safetensors"}, color=BOLID),
+        Node(10, "BoLIDApplyAdapter", (420, 60), {"weight_face": 0.0, "weight_body": 0.8, "start_at": 0.0,
+                                                  "end_at": 1.0}, color=BOLID),
+        Node(11, "LoadImage", (-780, 420), {"image": POSE_PHOTO}, title="Pose reference photo", size=(340, 420)),
+        Node(12, "BoLIDLoadPoseModel", (-780, 260), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),
+        Node(13, "BoLIDDetectBodyPose", (-400, 260), {"confidence": 0.25, "person": "largest"}, color=BOLID),
+        Node(14, "BoLIDPosesToOpenPose", (-400, 460), {"min_confidence": 0.3, "people": "main person",
+                                                       "width": 512, "height": 768}, color=BOLID),
+        Node(15, "ControlNetLoader", (-400, 60), {"control_net_name": CONTROLNET_OPENPOSE_SD15}),
+        Node(16, "ControlNetApplyAdvanced", (1240, 360), {"strength": 1.0, "start_percent": 0.0,
+                                                          "end_percent": 1.0}),
+        Node(17, "PreviewImage", (-20, 620), title="OpenPose control image", size=(340, 420)),
+        _note(18, (420, 420), FILES_NOTE.format(
+            ckpt=SD15_CKPT, adapter=ADAPTER_SD15,
+            more=f"- `models/controlnet/{CONTROLNET_OPENPOSE_SD15}` (any SD1.5 OpenPose ControlNet)\n"
+                 f"- `models/bolid_pose/{POSE_MODEL}`\n"
+                 f"- `models/bolid_body_ids/{BODY_ID_NAME}.safetensors` (made by the photos_to_body_id workflow)\n\n"
+                 "**Pose from ControlNet, body from BoLID**: Detect Body Pose finds the reference photo's pose, "
+                 "Poses To OpenPose Image draws it in the OpenPose colours at the generated size (512x768, "
+                 "fitted in, never cut), core Apply ControlNet conditions the prompts on it, and Apply BoLID "
+                 "Adapter gives the stored body.\n"),
+            size=(400, 360)),
+    ]
+    links += [
+        (3, "body_id", 10, "body_id"),
+        (12, "pose_model", 13, "pose_model"), (11, "IMAGE", 13, "image"), (13, "poses", 14, "poses"),
+        (14, "image", 16, "image"), (14, "image", 17, "images"), (15, "CONTROL_NET", 16, "control_net"),
+        (4, "CONDITIONING", 16, "positive"), (5, "CONDITIONING", 16, "negative"), (1, "VAE", 16, "vae"),
+        (16, "positive", 7, "positive"), (16, "negative", 7, "negative"),
+    ]
+    return Workflow("pose_controlnet_body_id_sd15", "Pose from a photo (ControlNet) + stored Body ID -> SD1.5",
+                    nodes, links)
+
+
 WORKFLOW_BUILDERS = (text_only_sdxl_lightning, photo_face_body_sdxl_lightning, photos_to_body_id,
-                     photo_face_body_sd15)
+                     photo_face_body_sd15, pose_controlnet_body_id_sd15)
 
 
 def build_all(specs: dict[str, NodeSpec] | None = None) -> dict[Path, str]:
