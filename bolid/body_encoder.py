@@ -101,7 +101,7 @@ class BodyEncoderConfig:
     def from_metadata(cls, metadata: dict[str, str], source: str) -> BodyEncoderConfig:
         kind = metadata.get("bolid_kind")
         if kind != BODY_ENCODER_FILE_KIND:
-            hint = " (this is a BoLID adapter: use Load BoLID Adapter)" if kind == "bolid_adapter" else ""
+            hint = " (this is a BoLID adapter: use Load Adapter (BoLID))" if kind == "bolid_adapter" else ""
             raise BodyEncoderFileError(f"{source}: not a BoLID Body-ID encoder (metadata bolid_kind={kind!r}){hint}; "
                                        "encoders are .safetensors files exported by BoLID's stage-1 training")
         try:

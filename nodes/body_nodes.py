@@ -105,7 +105,8 @@ def preview_views(images: list[np.ndarray], poses: list[PersonPose], names: list
 class LoadBodyEncoder:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
-        return {"required": {"encoder_name": (model_file_list("bolid"),)}}
+        return {"required": {"encoder_name": (model_file_list("bolid"), {
+            "tooltip": "a Body-ID encoder (.safetensors) in models/bolid, exported by stage-1 training"})}}
 
     RETURN_TYPES = ("BOLID_BODY_ENCODER",)
     RETURN_NAMES = ("body_encoder",)
@@ -151,7 +152,10 @@ class EncodeBodyFromImages:
             "images": ("IMAGE",),
             "min_confidence": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
                                          "tooltip": "views whose mean body-joint confidence is lower are skipped"}),
-            "several_people": (list(SEVERAL_PEOPLE), {"default": SEVERAL_PEOPLE[0]}),
+            "several_people": (list(SEVERAL_PEOPLE), {
+                "default": SEVERAL_PEOPLE[0],
+                "tooltip": "a photo with another person of at least 0.3x the main person's size: use the main "
+                           "(largest) person, or leave the photo out; smaller background people are ignored"}),
         }, "optional": {
             "poses": ("BOLID_POSES", {"tooltip": "poses from Detect Body Pose (BoLID) on the same images: used "
                                                  "instead of detecting again"}),
@@ -223,8 +227,9 @@ class SaveBodyID:
     def INPUT_TYPES(cls):  # noqa: N802
         return {"required": {
             "body_id": ("BOLID_BODY_ID",),
-            "name": ("STRING", {"default": "my_body"}),
-            "overwrite": ("BOOLEAN", {"default": False}),
+            "name": ("STRING", {"default": "my_body", "tooltip": "file name in models/bolid_body_ids (letters, "
+                                                                 "digits, space, _ - .; no folders)"}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace an existing Body ID of that name"}),
         }}
 
     RETURN_TYPES = ("STRING",)
@@ -244,7 +249,8 @@ class SaveBodyID:
 class LoadBodyID:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802
-        return {"required": {"body_id_name": (model_file_list(BODY_IDS_FOLDER),)}}
+        return {"required": {"body_id_name": (model_file_list(BODY_IDS_FOLDER), {
+            "tooltip": "a Body ID saved by Save Body ID (models/bolid_body_ids)"})}}
 
     RETURN_TYPES = ("BOLID_BODY_ID",)
     RETURN_NAMES = ("body_id",)
@@ -273,7 +279,8 @@ class SampleBodyID:
     def INPUT_TYPES(cls):  # noqa: N802
         return {"required": {
             "body_encoder": ("BOLID_BODY_ENCODER",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF,
+                             "tooltip": "the same seed draws the same body on any machine"}),
             "temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05,
                                       "tooltip": "scale of the draw; < 1 gives more typical bodies"}),
         }}
@@ -297,7 +304,9 @@ class BlendBodyIDs:
             "body_id_b": ("BOLID_BODY_ID",),
             "t": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                             "tooltip": "0 = a, 1 = b"}),
-            "method": (["linear", "slerp"], {"default": "linear"}),
+            "method": (["linear", "slerp"], {"default": "linear", "tooltip": "slerp keeps the typical length of "
+                                                                               "prior samples; linear mixes "
+                                                                               "directly"}),
         }}
 
     RETURN_TYPES = ("BOLID_BODY_ID",)

@@ -27,6 +27,8 @@ logger = logging.getLogger("bolid")
 CATEGORY = "BoLID/perception"
 DEFAULT_FACE_PACKS = ("antelopev2", "buffalo_l")
 OPENPOSE_PEOPLE = ("main person", "everyone detected")
+PROVIDER_TOOLTIP = ("onnxruntime execution provider: auto picks the best installed one; an explicit one that is "
+                    "missing is an error (the log says which provider actually runs)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,14 +80,15 @@ class LoadPoseModel:
         return {"required": {
             "model_name": (model_file_list("bolid_pose"), {"tooltip": "YOLO pose ONNX file in models/bolid_pose "
                                                                        "(export with python -m bolid.pose export)"}),
-            "provider": (list(PROVIDER_CHOICES), {"default": "auto"}),
+            "provider": (list(PROVIDER_CHOICES), {"default": "auto", "tooltip": PROVIDER_TOOLTIP}),
         }}
 
     RETURN_TYPES = ("BOLID_POSE_MODEL",)
     RETURN_NAMES = ("pose_model",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a YOLO11-pose ONNX model on onnxruntime; the log says which provider actually runs."
+    DESCRIPTION = ("Loads a YOLO11-pose model exported to ONNX on onnxruntime; the log says which provider "
+                   "actually runs.")
 
     def load(self, model_name: str, provider: str) -> tuple[PoseRunner]:
         runner = PoseRunner(model_file_path("bolid_pose", model_name), provider=provider)
@@ -98,7 +101,7 @@ class LoadInsightFace:
     def INPUT_TYPES(cls):  # noqa: N802
         return {"required": {
             "model_name": (insightface_pack_names(), {"tooltip": "folder in models/insightface/models/"}),
-            "provider": (list(PROVIDER_CHOICES), {"default": "auto"}),
+            "provider": (list(PROVIDER_CHOICES), {"default": "auto", "tooltip": PROVIDER_TOOLTIP}),
         }}
 
     RETURN_TYPES = ("BOLID_FACE_ANALYSIS",)
@@ -274,9 +277,9 @@ NODE_CLASS_MAPPINGS = {
     "BoLIDPosesToOpenPose": PosesToOpenPose,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "BoLIDLoadPoseModel": "Load Pose Model (YOLO ONNX)",
-    "BoLIDLoadInsightFace": "Load InsightFace",
-    "BoLIDDetectBodyPose": "Detect Body Pose",
-    "BoLIDEncodeFace": "Encode Face",
+    "BoLIDLoadPoseModel": "Load Pose Model (BoLID)",
+    "BoLIDLoadInsightFace": "Load InsightFace (BoLID)",
+    "BoLIDDetectBodyPose": "Detect Body Pose (BoLID)",
+    "BoLIDEncodeFace": "Encode Face (BoLID)",
     "BoLIDPosesToOpenPose": "Poses To OpenPose Image (BoLID)",
 }

@@ -379,7 +379,7 @@ def test_photos_to_body_id_then_text_only_workflow_runs(server, base_dir):
 
 def test_pose_controlnet_workflow_runs(server, base_dir):
     """Pose from a photo through a random-weight SD1.5 ControlNet (core ControlNetApplyAdvanced), body from a stored
-    Body ID through Apply BoLID Adapter: the control image is drawn and changes the result."""
+    Body ID through Apply Adapter (BoLID): the control image is drawn and changes the result."""
     from bolid.body_id_io import sample_body_id, save_body_id
 
     save_body_id(sample_body_id(BODY_DIM, seed=3), base_dir / "models" / "bolid_body_ids" / "server_pose_body.safetensors",

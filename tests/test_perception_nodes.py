@@ -73,8 +73,8 @@ def _as_image(*frames: np.ndarray) -> torch.Tensor:
 
 def test_registered_with_display_names(pack):
     mappings, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
-    expected = {"BoLIDLoadPoseModel": "Load Pose Model (YOLO ONNX)", "BoLIDLoadInsightFace": "Load InsightFace",
-                "BoLIDDetectBodyPose": "Detect Body Pose", "BoLIDEncodeFace": "Encode Face"}
+    expected = {"BoLIDLoadPoseModel": "Load Pose Model (BoLID)", "BoLIDLoadInsightFace": "Load InsightFace (BoLID)",
+                "BoLIDDetectBodyPose": "Detect Body Pose (BoLID)", "BoLIDEncodeFace": "Encode Face (BoLID)"}
     for key, title in expected.items():
         cls = mappings[key]
         assert names[key] == title and cls.CATEGORY == "BoLID/perception"

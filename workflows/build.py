@@ -541,8 +541,8 @@ def pose_controlnet_body_id_sd15() -> Workflow:
                  f"- `models/bolid_body_ids/{BODY_ID_NAME}.safetensors` (made by the photos_to_body_id workflow)\n\n"
                  "**Pose from ControlNet, body from BoLID**: Detect Body Pose finds the reference photo's pose, "
                  "Poses To OpenPose Image draws it in the OpenPose colours at the generated size (512x768, "
-                 "fitted in, never cut), core Apply ControlNet conditions the prompts on it, and Apply BoLID "
-                 "Adapter gives the stored body.\n"),
+                 "fitted in, never cut), core Apply ControlNet conditions the prompts on it, and Apply Adapter "
+                 "(BoLID) gives the stored body.\n"),
             size=(400, 360)),
     ]
     links += [
