@@ -120,7 +120,7 @@ class BodyEncoderConfig:
     def from_metadata(cls, metadata: dict[str, str], source: str) -> BodyEncoderConfig:
         kind = metadata.get("bolid_kind")
         if kind != BODY_ENCODER_FILE_KIND:
-            hint = " (this is a BoLID adapter: use Load BoLID Adapter)" if kind == "bolid_adapter" else ""
+            hint = " (this is a BoLID adapter: use Load Adapter (BoLID))" if kind == "bolid_adapter" else ""
             raise BodyEncoderFileError(f"{source}: not a BoLID Body-ID encoder (metadata bolid_kind={kind!r}){hint}; "
                                        "encoders are .safetensors files exported by BoLID's stage-1 training")
         try:
@@ -188,6 +188,36 @@ def crop_person(image: np.ndarray, pose: PersonPose, size: int, margin: float) -
     kp[:, 0] = (kp[:, 0] - math.floor(x0)) / real_side
     kp[:, 1] = (kp[:, 1] - math.floor(y0)) / real_side
     return crop, kp.astype(np.float32)
+
+
+def person_view(image: np.ndarray, pose: PersonPose, view_size: int, margin: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The one crop path of training and inference: a person view as stored (uint8, ``view_size``) + keypoints.
+
+    The prepare step stores exactly this in the dataset cache; Encode Body cuts the same view at the size the
+    encoder was trained with (``BodyEncoder.view_size``), and :func:`views_to_tensor` then
+    :meth:`BodyEncoder.encode_views` turn both into identical network inputs (tested).
+    """
+    return crop_person(image, pose, view_size, margin)
+
+
+def views_to_tensor(crops: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+    """Stored views uint8 [N, S, S, 3] -> float [N, 3, S, S] in 0..1 (float32), as training reads the cache."""
+    if isinstance(crops, torch.Tensor):
+        t = crops
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(np.stack(list(crops)) if not isinstance(crops, np.ndarray)
+                                                  else crops))
+    if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
+        raise ValueError(f"views must be uint8 [N, S, S, 3], got {t.dtype} {tuple(t.shape)}")
+    return t.permute(0, 3, 1, 2).float() / 255.0
+
+
+def resize_views(crops: torch.Tensor, size: int) -> torch.Tensor:
+    """float [N, 3, S, S] -> [N, 3, size, size] (bilinear, antialiased; unchanged when S == size)."""
+    if crops.shape[-1] == size and crops.shape[-2] == size:
+        return crops
+    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -321,6 +351,9 @@ class BodyEncoder(nn.Module):
         # with the encoder by stage 1; Sample Body ID (bolid.body_id_io.sample_body_id) draws from it.
         # None: unknown (then the prior N(0, I)).
         self.body_prior: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the side of the stored views it was trained on (the dataset's crop_size): inference cuts views at this
+        # size too, so the network sees the same pixels (see person_view); recorded in the exported file
+        self.view_size = self.config.crop_size
 
     def _target_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         n = NUM_PROPORTIONS + self.config.appearance_dim
@@ -339,10 +372,7 @@ class BodyEncoder(nn.Module):
 
     def encode_views(self, crops: torch.Tensor, keypoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """crops [N, 3, S, S] float 0..1 (any S: resized to crop_size), keypoints [N, 17, 3] in crop units."""
-        s = self.config.crop_size
-        if crops.shape[-1] != s or crops.shape[-2] != s:
-            crops = F.interpolate(crops, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        return self.view_encoder(crops, keypoints)
+        return self.view_encoder(resize_views(crops, self.config.crop_size), keypoints)
 
     def encode(self, crops: torch.Tensor, keypoints: torch.Tensor, weights: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,7 +457,8 @@ def save_body_encoder(model: BodyEncoder, path: str | os.PathLike,
                       extra_metadata: dict[str, str] | None = None) -> str:
     """Write the VAE (fp32) with its config and hash in the metadata, atomically; returns the hash."""
     model_hash = encoder_hash(model)
-    metadata = {**model.config.to_metadata(), "bolid_encoder_hash": model_hash, **(extra_metadata or {})}
+    metadata = {**model.config.to_metadata(), "bolid_encoder_hash": model_hash,
+                "bolid_view_size": str(int(model.view_size)), **(extra_metadata or {})}
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     if model.body_prior is not None:
         state.update({k: v.detach().to("cpu", torch.float32).contiguous()
@@ -479,8 +510,20 @@ def load_body_encoder_with_hash(path: str | os.PathLike,
     if stored and stored != digest:
         raise BodyEncoderFileError(f"{path}: the weights do not match the hash stored in the file ({stored}); "
                                    "the file was modified or damaged, re-export it")
+    model.view_size = _stored_view_size(metadata, config)
     model.requires_grad_(False).eval()
     return model.to(device), digest
+
+
+def _stored_view_size(metadata: dict[str, str], config: BodyEncoderConfig) -> int:
+    """The training views' side: recorded by save_body_encoder; older stage-1 exports name it in their training
+    record (the dataset's crop_size); else the encoder's own input size."""
+    try:
+        if "bolid_view_size" in metadata:
+            return int(metadata["bolid_view_size"])
+        return int(json.loads(metadata["bolid_training"])["dataset"]["crop_size"])
+    except (KeyError, TypeError, ValueError):
+        return config.crop_size
 
 
 # ----------------------------------------------------------------------------------------------- pose interface
@@ -520,13 +563,6 @@ def detect_people(runner: Any, images: Sequence[np.ndarray]) -> list[list[Person
         else:
             out.append([p for p in r if p is not None])
     return out
-
-
-def main_person(people: Sequence[PersonPose]) -> PersonPose | None:
-    """The most prominent person (largest box, then body confidence)."""
-    if not people:
-        return None
-    return max(people, key=lambda p: (p.area, p.body_confidence))
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -587,7 +623,7 @@ def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Seque
         if not w >= min_confidence:
             skipped.append((name, f"body keypoint confidence {w:.2f} < minimum {min_confidence:.2f}"))
             continue
-        crop, kp = crop_person(image, pose, cfg.crop_size, cfg.crop_margin)
+        crop, kp = person_view(image, pose, encoder.view_size, cfg.crop_margin)
         crops.append(crop)
         kps.append(kp)
         weights.append(float(w))
@@ -598,7 +634,7 @@ def encode_body(encoder: BodyEncoder, images: Sequence[np.ndarray], poses: Seque
         listed = "; ".join(f"{n}: {r}" for n, r in skipped)
         raise BodyEncodeError(f"no image has a usable person ({listed}); {_advice([r for _, r in skipped])}")
     param = next(encoder.parameters())
-    crop_t = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(param.device, param.dtype) / 255.0
+    crop_t = views_to_tensor(crops).to(param.device, param.dtype)
     kp_t = torch.from_numpy(np.stack(kps)).to(param.device, param.dtype)
     w_t = torch.tensor(weights, device=param.device, dtype=param.dtype)
     mu, logvar = encoder.encode(crop_t[None], kp_t[None], w_t[None])

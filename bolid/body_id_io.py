@@ -34,8 +34,9 @@ class BodyIDMismatchError(BoLIDError):
     """Two body identities cannot be combined (different dims or encoders)."""
 
 
-def body_id_path(folder: str | os.PathLike, name: str) -> Path:
-    """``folder/name.safetensors`` for a user-supplied name that cannot leave ``folder``.
+def identity_file_path(folder: str | os.PathLike, name: str, what: str = "body ID",
+                       error_cls: type[BoLIDError] = BodyIDFileError) -> Path:
+    """``folder/name.safetensors`` for a user-supplied name that cannot leave ``folder`` (Body IDs, Face IDs).
 
     Allowed: letters, digits, space, ``_ . -`` (no separators, no leading dot, no ``..``), at most 128 chars;
     no leading/trailing whitespace or control characters (a pasted trailing newline is refused, not stripped).
@@ -47,13 +48,18 @@ def body_id_path(folder: str | os.PathLike, name: str) -> Path:
     if name.lower().endswith(BODY_ID_EXTENSION):
         name = name[: -len(BODY_ID_EXTENSION)]
     if not _SAFE_NAME.fullmatch(name) or ".." in name or name != name.rstrip():
-        raise BodyIDFileError(f"body ID name {name!r} is not allowed: use letters, digits, spaces, '_', '-', '.' "
-                              "(no folders, no '..', not starting with '.'), at most 128 characters")
+        raise error_cls(f"{what} name {name!r} is not allowed: use letters, digits, spaces, '_', '-', '.' "
+                        "(no folders, no '..', not starting with '.'), at most 128 characters")
     root = Path(folder).resolve()
     path = (root / f"{name}{BODY_ID_EXTENSION}").resolve()
     if path.parent != root:
-        raise BodyIDFileError(f"body ID name {name!r} would leave the folder {root}")
+        raise error_cls(f"{what} name {name!r} would leave the folder {root}")
     return path
+
+
+def body_id_path(folder: str | os.PathLike, name: str) -> Path:
+    """``folder/name.safetensors`` for a Body ID name (rules: :func:`identity_file_path`)."""
+    return identity_file_path(folder, name, "body ID", BodyIDFileError)
 
 
 def save_body_id(body_id: BodyID, path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -25,9 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 
 from .appearance import aggregate_appearance, appearance_descriptor
-from .body_encoder import crop_person, detect_people
+from .body_encoder import detect_people, person_view, views_to_tensor
 from .errors import BoLIDError
-from .keypoints import PersonPose, flip_index
+from .keypoints import SEVERAL_PEOPLE_RATIO, PersonPose, choose_person, flip_index
 from .proportions import aggregate_proportions, body_proportions
 from .safetensors_io import atomic_save_safetensors, atomic_write_text, load_safetensors, read_safetensors_metadata
 
@@ -71,7 +71,7 @@ class DatasetConfig:
     min_resolution: int = 1000
     crop_size: int = 128
     min_confidence: float = 0.3
-    multi_person_ratio: float = 0.3
+    multi_person_ratio: float = SEVERAL_PEOPLE_RATIO
     min_views: int = 2
     max_context_views: int = 4
     caption_extension: str = ".txt"
@@ -313,19 +313,19 @@ def _prepare_identity(config: DatasetConfig, pose_runner: Any, images: list[Path
 
 def _select_view(path: Path, img: np.ndarray, people: list[PersonPose], config: DatasetConfig, margin: float,
                  report: PrepareReport) -> dict[str, Any] | None:
-    if not people:
-        report.skip(path, "no person detected")
+    chosen = choose_person(people, "largest", "skip", config.multi_person_ratio)
+    if chosen.pose is None:
+        if chosen.people > 1:
+            report.skip(path, f"{chosen.reason}; the photos of an identity must show only them")
+        else:
+            report.skip(path, chosen.reason)
         return None
-    people = sorted(people, key=lambda p: p.area, reverse=True)
-    if len(people) > 1 and people[1].area >= config.multi_person_ratio * max(people[0].area, 1e-9):
-        report.skip(path, f"several people ({len(people)} detected; the photos of an identity must show only them)")
-        return None
-    pose = people[0]
+    pose = chosen.pose
     if not pose.body_confidence >= config.min_confidence:
         report.skip(path, f"body keypoints not visible enough (confidence {pose.body_confidence:.2f} "
                           f"< {config.min_confidence:.2f})")
         return None
-    crop, kp = crop_person(img, pose, config.crop_size, margin)
+    crop, kp = person_view(img, pose, config.crop_size, margin)
     return {"name": path.name, "crop": crop, "keypoints": kp, "image_keypoints": pose.keypoints,
             "box": pose.box, "weight": pose.body_confidence, "size": (img.shape[1], img.shape[0])}
 
@@ -466,7 +466,7 @@ class Stage1Dataset(torch.utils.data.Dataset):
         with safe_open(str(cache.path), framework="pt") as f:
             sl = f.get_slice("crops")
             crops = torch.stack([sl[r : r + 1][0] for r in rows])
-        return crops.permute(0, 3, 1, 2).float() / 255.0
+        return views_to_tensor(crops)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(index)])

@@ -29,6 +29,9 @@ class FaceEmbeds:
     embedding: torch.Tensor
     num_images: int = 1
     source: str = ""
+    # provenance (optional): the photos averaged and their weights, as Body IDs keep their views
+    photos: tuple[str, ...] = ()
+    photo_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "embedding", _as_vector(self.embedding, "face embedding"))

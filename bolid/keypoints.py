@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,3 +56,79 @@ class PersonPose:
     def area(self) -> float:
         x1, y1, x2, y2 = self.box
         return float(max(0.0, x2 - x1) * max(0.0, y2 - y1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the one person-selection rule (dataset prepare step, Detect Body Pose, Encode Body From Images)
+
+PERSON_CHOICES: tuple[str, ...] = ("largest", "most_confident")
+SEVERAL_PEOPLE_POLICIES: tuple[str, ...] = ("use_main", "skip")
+# A second person counts as "several people" when their box is at least this fraction of the main person's box
+# area; smaller people (in the background) are ignored.
+SEVERAL_PEOPLE_RATIO = 0.3
+
+
+def select_person(people: Sequence[PersonPose], choice: str = "largest") -> PersonPose | None:
+    """The main person of an image: the largest box (ties: higher body confidence) or the most confident
+    detection (ties: larger box); None when nobody was detected."""
+    if choice not in PERSON_CHOICES:
+        raise ValueError(f"person choice must be one of {PERSON_CHOICES}, got {choice!r}")
+    if not people:
+        return None
+    if choice == "largest":
+        return max(people, key=lambda p: (p.area, p.body_confidence))
+    return max(people, key=lambda p: (p.score, p.area))
+
+
+def significant_others(people: Sequence[PersonPose], main: PersonPose,
+                       ratio: float = SEVERAL_PEOPLE_RATIO) -> list[PersonPose]:
+    """The other people whose box is at least ``ratio`` of the main person's box area (not background people)."""
+    floor = ratio * max(main.area, 1e-9)
+    return [p for p in people if p is not main and p.area >= floor]
+
+
+@dataclass(frozen=True)
+class PersonChoice:
+    """What :func:`choose_person` decided for one image: the person (or None) and, when None, why."""
+
+    pose: PersonPose | None
+    reason: str = ""
+    people: int = 0
+
+
+def choose_person(people: Sequence[PersonPose], choice: str = "largest", several_people: str = "use_main",
+                  ratio: float = SEVERAL_PEOPLE_RATIO, main: PersonPose | None = None) -> PersonChoice:
+    """The one rule for "the person of this photo", shared by the dataset's prepare step and the nodes.
+
+    The main person is :func:`select_person`'s (or ``main``, when a detector already chose it among
+    ``people``); with ``several_people="skip"`` the image gives nobody when other people of at least ``ratio`` of
+    the main person's box area are present (the identity would be ambiguous).
+    """
+    if several_people not in SEVERAL_PEOPLE_POLICIES:
+        raise ValueError(f"several_people must be one of {SEVERAL_PEOPLE_POLICIES}, got {several_people!r}")
+    people = [p for p in people if p is not None]
+    if main is None:
+        main = select_person(people, choice)
+    elif not any(p is main for p in people):
+        people.append(main)
+    if main is None:
+        return PersonChoice(None, "no person detected", 0)
+    others = significant_others(people, main, ratio)
+    if others and several_people == "skip":
+        return PersonChoice(None, f"several people ({len(others) + 1} detected at >= {ratio:g}x the main person's "
+                                  "box area)", len(others) + 1)
+    return PersonChoice(main, "", len(others) + 1)
+
+
+class DetectedPoses(list):
+    """BOLID_POSES: the main person per image (``PersonPose | None``, as a plain list), plus everything the
+    detector found (``people``) and the image sizes (``sizes``, (width, height)), so a consumer can apply its
+    own several-people policy and check that the poses belong to its images."""
+
+    def __init__(self, main: Sequence[PersonPose | None], people: Sequence[Sequence[PersonPose]],
+                 sizes: Sequence[tuple[int, int]]) -> None:
+        super().__init__(main)
+        if not (len(main) == len(people) == len(sizes)):
+            raise ValueError(f"{len(main)} main poses, {len(people)} people lists and {len(sizes)} sizes")
+        self.people = [list(p) for p in people]
+        self.sizes = [(int(w), int(h)) for w, h in sizes]

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BoLIDError, reading
-from .keypoints import NUM_KEYPOINTS, SKELETON, PersonPose
+from .keypoints import NUM_KEYPOINTS, PERSON_CHOICES, PersonPose, select_person  # noqa: F401 - re-exported
 from .onnx_providers import create_session
+from .skeleton import draw_poses, to_uint8_rgb  # noqa: F401 - re-exported
 from .validation import check_image_size
 
 logger = logging.getLogger("bolid")
 
 PAD_VALUE = 114  # ultralytics' letterbox grey
-PERSON_CHOICES: tuple[str, ...] = ("largest", "most_confident")
 _MAX_NMS = 30000  # candidates kept before NMS (as ultralytics)
 _MAX_WH = 7680.0  # class offset for class-aware NMS
 
@@ -41,19 +41,6 @@ class PoseModelError(BoLIDError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # image helpers
-
-
-def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB from uint8 or float (0..1) input; ComfyUI images are float RGB."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
-    image = image[..., :3]
-    if image.dtype != np.uint8:
-        image = np.clip(np.rint(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(image)
 
 
 @dataclass(frozen=True)
@@ -154,38 +141,6 @@ def rows_to_poses(rows: np.ndarray, box: Letterbox, width: int, height: int) -> 
         kpts[:, :2] = box.to_original(kpts[:, :2], width, height)
         poses.append(PersonPose(box=xyxy, score=float(row[4]), keypoints=kpts))
     return poses
-
-
-def select_person(poses: Sequence[PersonPose], choice: str = "largest") -> PersonPose | None:
-    """The main person of an image: the largest box or the most confident detection (None if there is none)."""
-    if choice not in PERSON_CHOICES:
-        raise ValueError(f"person choice must be one of {PERSON_CHOICES}, got {choice!r}")
-    if not poses:
-        return None
-    key = (lambda p: p.area) if choice == "largest" else (lambda p: p.score)
-    return max(poses, key=key)
-
-
-def draw_poses(image: np.ndarray, poses: Sequence[PersonPose | None], kpt_conf: float = 0.3) -> np.ndarray:
-    """A copy of the RGB image with each person's box, COCO skeleton and confident keypoints drawn (preview)."""
-    import cv2
-
-    canvas = to_uint8_rgb(image).copy()
-    thick = max(1, round(max(canvas.shape[:2]) / 400))
-    for pose in poses:
-        if pose is None:
-            continue
-        x1, y1, x2, y2 = (int(round(v)) for v in pose.box)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), (255, 200, 0), thick)
-        kp = pose.keypoints
-        for a, b in SKELETON:
-            if kp[a, 2] >= kpt_conf and kp[b, 2] >= kpt_conf:
-                cv2.line(canvas, (int(kp[a, 0]), int(kp[a, 1])), (int(kp[b, 0]), int(kp[b, 1])), (0, 255, 128),
-                         thick, cv2.LINE_AA)
-        for x, y, c in kp:
-            if c >= kpt_conf:
-                cv2.circle(canvas, (int(x), int(y)), thick + 2, (255, 64, 64), -1, cv2.LINE_AA)
-    return canvas
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from .validate import install_input_checks
 _NODE_MODULES = (
     "adapter_nodes",
     "body_nodes",
+    "face_nodes",
+    "image_nodes",
     "perception_nodes",
 )
 

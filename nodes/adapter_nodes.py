@@ -1,4 +1,4 @@
-"""Nodes "Load BoLID Adapter" and "Apply BoLID Adapter"."""
+"""Nodes "Load Adapter (BoLID)" and "Apply Adapter (BoLID)"."""
 
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ def _comfy_unet_dtype() -> torch.dtype | None:
 class LoadBoLIDAdapter:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
-        return {"required": {"adapter_name": (model_file_list("bolid"),)}}
+        return {"required": {"adapter_name": (model_file_list("bolid"), {
+            "tooltip": "a BoLID adapter (.safetensors) in models/bolid, made by stage-2 training; it must match the "
+                       "checkpoint's family (SD1.5 or SDXL)"})}}
 
     RETURN_TYPES = ("BOLID_ADAPTER",)
     RETURN_NAMES = ("bolid_adapter",)
@@ -96,7 +98,7 @@ def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None, face_embeds:
             raise EmbeddingError(f"body identity comes from Body-ID encoder {body_id.encoder_hash}, the adapter was "
                                  f"trained with encoder {trained_hash}: encode the body with that encoder")
     if not embeds:
-        raise EmbeddingError("Apply BoLID Adapter needs a body_id and/or face_embeds input; neither is connected")
+        raise EmbeddingError("Apply Adapter (BoLID) needs a body_id and/or face_embeds input; neither is connected")
     # An unconnected identity is the zero embedding: exactly what the adapter saw in training for a missing or
     # dropped face/body, so body-only (text-only mode) and face-only runs match training.
     if "face" not in embeds:
@@ -113,10 +115,16 @@ class ApplyBoLIDAdapter:
             "required": {
                 "model": ("MODEL",),
                 "bolid_adapter": ("BOLID_ADAPTER",),
-                "weight_face": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 3.0, "step": 0.05}),
-                "weight_body": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 3.0, "step": 0.05}),
-                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                "weight_face": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 3.0, "step": 0.05,
+                                          "tooltip": "strength of the face branch; 0 switches it off"}),
+                "weight_body": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 3.0, "step": 0.05,
+                                          "tooltip": "strength of the body branch; 0 switches it off"}),
+                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                       "tooltip": "fraction of the sampling schedule where the branches start "
+                                                  "acting (0 = first step)"}),
+                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                     "tooltip": "fraction of the schedule where they stop (1 = last step); must "
+                                                "not be before start_at"}),
             },
             "optional": {
                 "body_id": ("BOLID_BODY_ID",),
@@ -135,7 +143,7 @@ class ApplyBoLIDAdapter:
               start_at: float, end_at: float, body_id: BodyID | None = None, face_embeds: FaceEmbeds | None = None,
               attn_mask: torch.Tensor | None = None) -> tuple[Any]:
         if start_at > end_at:
-            raise ValueError(f"Apply BoLID Adapter: start_at ({start_at}) is after end_at ({end_at})")
+            raise ValueError(f"Apply Adapter (BoLID): start_at ({start_at}) is after end_at ({end_at})")
         adapter = bolid_adapter.adapter
         layers = enumerate_cross_attention_layers(model.get_model_object("diffusion_model"))
         ordered = check_adapter_fits(adapter.config, layers)
@@ -161,4 +169,4 @@ class ApplyBoLIDAdapter:
 
 
 NODE_CLASS_MAPPINGS = {"BoLIDLoadAdapter": LoadBoLIDAdapter, "BoLIDApplyAdapter": ApplyBoLIDAdapter}
-NODE_DISPLAY_NAME_MAPPINGS = {"BoLIDLoadAdapter": "Load BoLID Adapter", "BoLIDApplyAdapter": "Apply BoLID Adapter"}
+NODE_DISPLAY_NAME_MAPPINGS = {"BoLIDLoadAdapter": "Load Adapter (BoLID)", "BoLIDApplyAdapter": "Apply Adapter (BoLID)"}

@@ -22,12 +22,12 @@ from ..bolid.body_encoder import (
     detect_people,
     encode_body,
     load_body_encoder_with_hash,
-    main_person,
 )
 from ..bolid.body_id_io import BodyIDFileError, blend_body_ids, body_id_path, load_body_id, sample_body_id, save_body_id
 from ..bolid.identity import BodyID
-from ..bolid.keypoints import SKELETON, PersonPose
-from .comfy_batch import batch_progress, check_interrupted, image_batch_to_uint8, image_names
+from ..bolid.keypoints import PersonPose, choose_person
+from ..bolid.skeleton import draw_poses
+from .comfy_batch import batch_progress, check_interrupted, image_list_to_uint8, image_names, one
 from .comfy_env import folder_paths_module, model_file_list, model_file_path, register_model_folders
 
 logger = logging.getLogger("bolid")
@@ -36,6 +36,7 @@ BODY_IDS_FOLDER = "bolid_body_ids"
 PREVIEW_SIZE = 192
 POSE_CHUNK = 8
 SEVERAL_PEOPLE = ("use the largest", "skip the image")
+SEVERAL_PEOPLE_POLICY = {"use the largest": "use_main", "skip the image": "skip"}  # bolid.keypoints.choose_person
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,12 @@ def preview_views(images: list[np.ndarray], poses: list[PersonPose], names: list
     tiles = []
     for image, pose, name, w in zip(images, poses, names, weights, strict=True):
         crop, kp = crop_person(image, pose, PREVIEW_SIZE, margin)
-        tile = Image.fromarray(crop)
+        in_crop = kp.copy()
+        in_crop[:, :2] *= PREVIEW_SIZE
+        drawn = draw_poses(crop, [PersonPose(box=np.zeros(4), score=pose.score, keypoints=in_crop)], boxes=False,
+                           thickness=2)
+        tile = Image.fromarray(drawn)
         draw = ImageDraw.Draw(tile)
-        pts = kp[:, :2] * PREVIEW_SIZE
-        for a, b in SKELETON:
-            if kp[a, 2] > 0.3 and kp[b, 2] > 0.3:
-                draw.line([tuple(pts[a]), tuple(pts[b])], fill=(0, 255, 128), width=2)
         bar_h = 22
         draw.rectangle([0, PREVIEW_SIZE - bar_h, PREVIEW_SIZE, PREVIEW_SIZE], fill=(0, 0, 0))
         draw.rectangle([0, PREVIEW_SIZE - 4, int(PREVIEW_SIZE * w), PREVIEW_SIZE], fill=(255, 200, 0))
@@ -104,7 +105,8 @@ def preview_views(images: list[np.ndarray], poses: list[PersonPose], names: list
 class LoadBodyEncoder:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI API name
-        return {"required": {"encoder_name": (model_file_list("bolid"),)}}
+        return {"required": {"encoder_name": (model_file_list("bolid"), {
+            "tooltip": "a Body-ID encoder (.safetensors) in models/bolid, exported by stage-1 training"})}}
 
     RETURN_TYPES = ("BOLID_BODY_ENCODER",)
     RETURN_NAMES = ("body_encoder",)
@@ -120,6 +122,27 @@ class LoadBodyEncoder:
         return (loaded,)
 
 
+def _is_pose(value: Any) -> bool:
+    return value is None or (hasattr(value, "keypoints") and hasattr(value, "box"))
+
+
+def given_poses(poses: Any) -> list[tuple[PersonPose | None, list[PersonPose], tuple[int, int] | None]]:
+    """BOLID_POSES input (one value, or the list ComfyUI hands a list node) -> per image (main, people, size).
+
+    A value from Detect Body Pose carries every detected person and the image sizes; a plain list of
+    ``PersonPose | None`` is taken as the main person per image.
+    """
+    values = [poses] if hasattr(poses, "people") or all(_is_pose(p) for p in poses) else list(poses)
+    out = []
+    for value in values:
+        people = getattr(value, "people", None)
+        sizes = getattr(value, "sizes", None)
+        for i, main in enumerate(value):
+            found = list(people[i]) if people is not None else ([] if main is None else [main])
+            out.append((main, found, tuple(sizes[i]) if sizes is not None else None))
+    return out
+
+
 class EncodeBodyFromImages:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802
@@ -129,42 +152,67 @@ class EncodeBodyFromImages:
             "images": ("IMAGE",),
             "min_confidence": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
                                          "tooltip": "views whose mean body-joint confidence is lower are skipped"}),
-            "several_people": (list(SEVERAL_PEOPLE), {"default": SEVERAL_PEOPLE[0]}),
+            "several_people": (list(SEVERAL_PEOPLE), {
+                "default": SEVERAL_PEOPLE[0],
+                "tooltip": "a photo with another person of at least 0.3x the main person's size: use the main "
+                           "(largest) person, or leave the photo out; smaller background people are ignored"}),
+        }, "optional": {
+            "poses": ("BOLID_POSES", {"tooltip": "poses from Detect Body Pose (BoLID) on the same images: used "
+                                                 "instead of detecting again"}),
         }}
 
     RETURN_TYPES = ("BOLID_BODY_ID", "IMAGE")
     RETURN_NAMES = ("body_id", "views_preview")
+    INPUT_IS_LIST = True  # photos of any size, each used whole (a list, not an Image Batch)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes one person's body identity from one or more photos; views are weighted by pose "
-                   "confidence. The preview shows the views used and their weights.")
+                   "confidence. Photos of different sizes: connect Load Images From Folder (BoLID), a list; "
+                   "each photo is used whole. With poses from Detect Body Pose connected, nothing is detected "
+                   "twice. The preview shows the views used and their weights.")
 
-    def encode(self, body_encoder: LoadedBodyEncoder, pose_model: Any, images: torch.Tensor,
-               min_confidence: float, several_people: str = SEVERAL_PEOPLE[0]) -> tuple[BodyID, torch.Tensor]:
-        body_encoder = _loaded(body_encoder)
-        arrays = image_batch_to_uint8(images)
+    def encode(self, body_encoder: LoadedBodyEncoder, pose_model: Any, images: torch.Tensor | list[torch.Tensor],
+               min_confidence: float, several_people: str = SEVERAL_PEOPLE[0],
+               poses: Any = None) -> tuple[BodyID, torch.Tensor]:
+        body_encoder, pose_model = _loaded(one(body_encoder)), one(pose_model)
+        min_confidence, several_people = float(one(min_confidence)), one(several_people)
+        if several_people not in SEVERAL_PEOPLE_POLICY:
+            raise ValueError(f"several_people must be one of {SEVERAL_PEOPLE}, got {several_people!r}")
+        arrays = image_list_to_uint8(images)
         names = image_names(len(arrays))
-        people = _detect(pose_model, arrays)
-        poses: list[PersonPose | None] = []
+        if poses is None:
+            found = [(None, people, None) for people in _detect(pose_model, arrays)]
+        else:
+            found = given_poses(poses)
+            if len(found) != len(arrays):
+                raise BodyEncodeError(f"Encode Body From Images: the poses cover {len(found)} image(s) but "
+                                      f"{len(arrays)} image(s) are connected; connect the same images to Detect "
+                                      "Body Pose and to Encode Body From Images")
+            for name, array, (_, _, size) in zip(names, arrays, found, strict=True):
+                if size is not None and size != (array.shape[1], array.shape[0]):
+                    raise BodyEncodeError(f"Encode Body From Images: the poses of {name} were detected on a "
+                                          f"{size[0]}x{size[1]} image, but {name} is {array.shape[1]}x"
+                                          f"{array.shape[0]}; connect the same images to both nodes")
+        chosen: list[PersonPose | None] = []
         reasons: list[str | None] = []  # why a pose is None, for the error when no view is left
-        for name, found in zip(names, people, strict=True):
-            reasons.append(f"{len(found)} people detected and several_people is '{several_people}'"
-                           if len(found) > 1 else None)
-            if len(found) > 1:
-                if several_people == SEVERAL_PEOPLE[1]:
-                    logger.warning("BoLID encode body: skipped %s: %d people detected", name, len(found))
-                    poses.append(None)
-                    continue
-                logger.info("BoLID encode body: %s shows %d people, using the largest", name, len(found))
-            poses.append(main_person(found))
+        for name, (main, people, _) in zip(names, found, strict=True):
+            choice = choose_person(people, "largest", SEVERAL_PEOPLE_POLICY[several_people], main=main)
+            if choice.pose is None and choice.people > 1:
+                logger.warning("BoLID encode body: skipped %s: %s", name, choice.reason)
+                reasons.append(f"{choice.reason} and several_people is '{several_people}'")
+            else:
+                reasons.append(None)
+                if choice.people > 1:
+                    logger.info("BoLID encode body: %s shows %d people, using the main person", name, choice.people)
+            chosen.append(choice.pose)
         try:
-            result = encode_body(body_encoder.model, arrays, poses, names, min_confidence,
+            result = encode_body(body_encoder.model, arrays, chosen, names, min_confidence,
                                  model_hash=body_encoder.hash, skip_reasons=reasons)
         except BodyEncodeError as exc:
             raise BodyEncodeError(f"Encode Body From Images: {exc}") from exc
         index = {n: i for i, n in enumerate(names)}
         used = [index[n] for n in result.used]
-        preview = preview_views([arrays[i] for i in used], [poses[i] for i in used], result.used, result.weights,
+        preview = preview_views([arrays[i] for i in used], [chosen[i] for i in used], result.used, result.weights,
                                 body_encoder.model.config.crop_margin)
         logger.info("BoLID encode body: %d view(s) used (%s), %d skipped", len(used),
                     ", ".join(f"{n} w={w:.2f}" for n, w in zip(result.used, result.weights, strict=True)),
@@ -183,8 +231,9 @@ class SaveBodyID:
     def INPUT_TYPES(cls):  # noqa: N802
         return {"required": {
             "body_id": ("BOLID_BODY_ID",),
-            "name": ("STRING", {"default": "my_body"}),
-            "overwrite": ("BOOLEAN", {"default": False}),
+            "name": ("STRING", {"default": "my_body", "tooltip": "file name in models/bolid_body_ids (letters, "
+                                                                 "digits, space, _ - .; no folders)"}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace an existing Body ID of that name"}),
         }}
 
     RETURN_TYPES = ("STRING",)
@@ -204,7 +253,8 @@ class SaveBodyID:
 class LoadBodyID:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802
-        return {"required": {"body_id_name": (model_file_list(BODY_IDS_FOLDER),)}}
+        return {"required": {"body_id_name": (model_file_list(BODY_IDS_FOLDER), {
+            "tooltip": "a Body ID saved by Save Body ID (models/bolid_body_ids)"})}}
 
     RETURN_TYPES = ("BOLID_BODY_ID",)
     RETURN_NAMES = ("body_id",)
@@ -233,7 +283,8 @@ class SampleBodyID:
     def INPUT_TYPES(cls):  # noqa: N802
         return {"required": {
             "body_encoder": ("BOLID_BODY_ENCODER",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF,
+                             "tooltip": "the same seed draws the same body on any machine"}),
             "temperature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 3.0, "step": 0.05,
                                       "tooltip": "scale of the draw; < 1 gives more typical bodies"}),
         }}
@@ -260,7 +311,9 @@ class BlendBodyIDs:
             "body_id_b": ("BOLID_BODY_ID",),
             "t": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                             "tooltip": "0 = a, 1 = b"}),
-            "method": (["linear", "slerp"], {"default": "linear"}),
+            "method": (["linear", "slerp"], {"default": "linear", "tooltip": "slerp keeps the typical length of "
+                                                                               "prior samples; linear mixes "
+                                                                               "directly"}),
         }}
 
     RETURN_TYPES = ("BOLID_BODY_ID",)

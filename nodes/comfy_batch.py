@@ -7,6 +7,7 @@ progress and cancellation helpers do nothing and the pack still imports.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,32 @@ def image_batch_to_uint8(images: torch.Tensor) -> list[np.ndarray]:
         images = images.expand(*images.shape[:-1], 3)
     rgb = (images[..., :3].detach().to("cpu", torch.float32).clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
     return [np.ascontiguousarray(im) for im in rgb]
+
+
+def image_list_to_uint8(images: Any) -> list[np.ndarray]:
+    """IMAGE input of a list node (``INPUT_IS_LIST``): a list of IMAGE batches of any sizes, or one batch -> arrays.
+
+    Why: a list carries photos of different sizes as they are (core Image Batch rescales and centre-crops every
+    photo to the first one's size, cutting heads or feet off). Each item may itself be a batch; order is kept.
+    """
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ImageBatchError("expected at least one IMAGE, got an empty list")
+        out: list[np.ndarray] = []
+        for item in images:
+            out.extend(image_batch_to_uint8(item))
+        return out
+    return image_batch_to_uint8(images)
+
+
+def one(value: Any) -> Any:
+    """A widget or model input of a list node (``INPUT_IS_LIST``): ComfyUI hands every input as a list; the node
+    uses its first value. Plain values (direct calls) pass through unchanged."""
+    if isinstance(value, list):
+        if not value:
+            raise ImageBatchError("an input of the node received an empty list")
+        return value[0]
+    return value
 
 
 def image_names(count: int) -> list[str]:

@@ -20,6 +20,7 @@ MODEL_FOLDERS: dict[str, tuple[str, frozenset[str]]] = {
     "bolid": ("bolid", frozenset({".safetensors"})),  # pickles are never loaded, so never listed
     "bolid_pose": ("bolid_pose", frozenset({".onnx"})),
     "bolid_body_ids": ("bolid_body_ids", frozenset({".safetensors"})),
+    "bolid_face_ids": ("bolid_face_ids", frozenset({".safetensors"})),
 }
 
 

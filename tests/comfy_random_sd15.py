@@ -1,6 +1,7 @@
 """Random weights of the real SD1.5 architecture, built with ComfyUI's own classes, plus a matching BoLID adapter.
 
     python tests/comfy_random_sd15.py COMFYUI_PATH CHECKPOINT.safetensors ADAPTER.safetensors [--body-dim 32]
+        [--controlnet CONTROLNET.safetensors]
 
 Writes a single-file SD1.5 checkpoint (UNet + CLIP-L text encoder + VAE, fp16, ~2 GB) that ComfyUI's
 CheckpointLoaderSimple detects as SD1.5, and a BoLID adapter for it whose per-layer face/body K/V start as copies
@@ -91,9 +92,35 @@ def build(comfyui: Path, checkpoint: Path, adapter_path: Path, body_dim: int = 3
     save_adapter(adapter, adapter_path)
 
 
+@torch.no_grad()
+def build_controlnet(comfyui: Path, path: Path) -> None:
+    """A random-weight ControlNet of the SD1.5 architecture (ComfyUI's own cldm.ControlNet, 3-channel hint), in
+    the layout ComfyUI's ControlNetLoader detects (zero_convs / input_hint_block / middle_block_out keys), fp16."""
+    sys.path.insert(0, str(comfyui))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.cldm.cldm
+    from safetensors.torch import save_file
+
+    config = {k: v for k, v in SD15_UNET.items() if k != "out_channels"}
+    control = comfy.cldm.cldm.ControlNet(hint_channels=3, device="cpu", dtype=torch.float32, **config)
+    fill_(control, 5)
+    state = control.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RuntimeError(f"non-finite ControlNet weights after filling: {bad[:5]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(path))
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     dim = 32
+    if "--controlnet" in args:
+        i = args.index("--controlnet")
+        build_controlnet(Path(args[0]), Path(args[i + 1]))
+        del args[i:i + 2]
     if "--body-dim" in args:
         i = args.index("--body-dim")
         dim = int(args[i + 1])

@@ -282,7 +282,7 @@ def test_corrupt_or_foreign_encoder_files_are_clear_errors(encoder, tmp_path):
     with pytest.raises(BodyEncoderFileError, match="garbage.safetensors"):
         load_body_encoder(tmp_path / "garbage.safetensors")
     atomic_save_safetensors({"x": torch.zeros(1)}, tmp_path / "adapter.safetensors", {"bolid_kind": "bolid_adapter"})
-    with pytest.raises(BodyEncoderFileError, match="Load BoLID Adapter"):
+    with pytest.raises(BodyEncoderFileError, match=r"Load Adapter \(BoLID\)"):
         load_body_encoder(tmp_path / "adapter.safetensors")
     # flipped weight bytes keep the file readable but break the stored hash
     tampered = bytearray(data)

@@ -150,9 +150,15 @@ def test_encode_body_from_images(nodes, loaded, caplog):
     assert preview.shape == (2, 192, 192, 3) and 0 <= preview.min() and preview.max() <= 1
     log = caplog.text
     assert "image 2 of 4: no person detected" in log and "image 4 of 4: body keypoint confidence 0.10" in log
+    # the one several-people rule (bolid.keypoints.choose_person, also the dataset's): a small bystander is
+    # ignored, a second person of >= 0.3x the main box area makes "skip the image" skip the photo
+    skip, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3, "skip the image")
+    assert skip.views == ("image 1 of 4", "image 3 of 4")
+    pose.add(images[2], [standing_person(45, 1.0, 0.8), standing_person(20, 0.8)])
     skip, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3, "skip the image")
     assert skip.views == ("image 1 of 4",)
-    assert "skipped image 3 of 4: 2 people detected" in caplog.text
+    assert "skipped image 3 of 4: several people (2 detected" in caplog.text
+    pose.add(images[2], [standing_person(45, 1.0, 0.8), standing_person(20, 0.4)])
     # the identity does not depend on the order of the photos
     again, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images[[2, 1, 0]], 0.3)
     torch.testing.assert_close(again.c_body, body_id.c_body, rtol=1e-5, atol=1e-6)
@@ -277,3 +283,105 @@ def test_encoder_hash_is_computed_once_at_load(nodes, folders, encoder, be, monk
     assert len(calls) == 1 and body_id.encoder_hash == sampled.encoder_hash == loaded.hash
     with pytest.raises(TypeError, match="Load Body-ID Encoder"):
         nodes.SampleBodyID().sample(loaded.model, 3, 1.0)
+
+
+def _full_body(w: int, h: int) -> PersonPose:
+    """A person filling the photo from the top edge (head) to the bottom edge (feet)."""
+    kp = np.zeros((17, 3), dtype=np.float32)
+    ys = {0: 0.02, 1: 0.02, 2: 0.02, 3: 0.03, 4: 0.03, 5: 0.2, 6: 0.2, 7: 0.35, 8: 0.35, 9: 0.5, 10: 0.5,
+          11: 0.55, 12: 0.55, 13: 0.77, 14: 0.77, 15: 0.98, 16: 0.98}
+    for i, y in ys.items():
+        side = -1 if i % 2 else 1
+        kp[i] = (w / 2 + side * 0.08 * min(w, h) * (i > 2), y * h, 0.9)
+    return PersonPose(box=np.array([kp[:, 0].min() - 2, 0.0, kp[:, 0].max() + 2, h - 1.0]), score=0.9, keypoints=kp)
+
+
+def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, be, loaded, tmp_path, monkeypatch):
+    """A portrait and a landscape photo, loaded from a folder under input/ and handed on as a list: the pose
+    model and the encoder see each full photo (no resize, no crop), and both full bodies (head at the top edge,
+    feet at the bottom edge) are inside the views the identity is encoded from."""
+    from PIL import Image
+
+    image_nodes = pack.nodes.image_nodes
+    rng = np.random.default_rng(0)
+    photos = {"a_portrait.png": rng.integers(0, 256, (160, 90, 3), dtype=np.uint8),
+              "b_landscape.png": rng.integers(0, 256, (90, 170, 3), dtype=np.uint8)}
+    folder = tmp_path / "input" / "me"
+    folder.mkdir(parents=True)
+    for name, arr in photos.items():
+        Image.fromarray(arr).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    fp = sys.modules["folder_paths"] if "folder_paths" in sys.modules else types.ModuleType("folder_paths")
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    monkeypatch.setattr(fp, "get_input_directory", lambda: str(tmp_path / "input"), raising=False)
+    assert image_nodes.LoadImagesFromFolder.INPUT_TYPES()["required"]["folder"][0] == ["me"]
+    images, names = image_nodes.LoadImagesFromFolder().load("me")
+    assert names == list(photos)
+    assert [tuple(im.shape) for im in images] == [(1, 160, 90, 3), (1, 90, 170, 3)]
+
+    seen: list[tuple[int, ...]] = []
+
+    class Recorder:
+        def detect(self, arrays):
+            seen.extend(a.shape for a in arrays)
+            return [[_full_body(a.shape[1], a.shape[0])] for a in arrays]
+
+    captured = {}
+    real = nodes.encode_body
+
+    def spy(encoder, arrays, poses, *args, **kwargs):
+        result = real(encoder, arrays, poses, *args, **kwargs)
+        captured.update(arrays=arrays, poses=poses, result=result)
+        return result
+
+    monkeypatch.setattr(nodes, "encode_body", spy)
+    body_id, _ = nodes.EncodeBodyFromImages().encode([loaded], [Recorder()], images, [0.3], ["use the largest"])
+    assert seen == [(160, 90, 3), (90, 170, 3)]
+    assert len(body_id.views) == 2
+    for arr, original, pose, crop in zip(captured["arrays"], photos.values(), captured["poses"],
+                                         captured["result"].crops, strict=True):
+        assert np.array_equal(arr, original)  # the whole photo, pixel for pixel
+        expected, kp = be.crop_person(original, pose, crop.shape[0], loaded.model.config.crop_margin)
+        assert np.array_equal(crop, expected)
+        assert kp[:, :2].min() > 0.0 and kp[:, :2].max() < 1.0  # head and feet inside the view
+        assert kp[0, 1] < 0.15 and kp[15, 1] > 0.85  # ... and the body spans the view
+    with pytest.raises(image_nodes.ImageFolderError, match="sub-folder"):
+        image_nodes.LoadImagesFromFolder().load("../outside")
+    assert "sub-folder" in image_nodes.LoadImagesFromFolder.VALIDATE_INPUTS("..")
+    assert image_nodes.LoadImagesFromFolder.VALIDATE_INPUTS("me") is True
+    before = image_nodes.LoadImagesFromFolder.IS_CHANGED("me")
+    Image.fromarray(photos["a_portrait.png"]).save(folder / "c_more.png")
+    assert image_nodes.LoadImagesFromFolder.IS_CHANGED("me") != before
+
+
+def test_encode_body_uses_the_poses_of_detect_body_pose(pack, nodes, loaded, be):
+    """With poses connected, Encode Body detects nothing itself, applies its several-people policy to every person
+    Detect Body Pose found, and refuses poses of other images."""
+    images = comfy_images(3)
+    pose = FakePoseModel()
+    pair = [standing_person(45, 1.0, 0.8), standing_person(20, 0.8)]
+    pose.add(images[0], [standing_person()])
+    pose.add(images[1], pair)
+    itself, _ = nodes.EncodeBodyFromImages().encode(loaded, pose, images, 0.3, "use the largest")
+
+    class Refuses:
+        def detect(self, images):
+            raise AssertionError("Encode Body detected again although poses were connected")
+
+    kp = pack.bolid.keypoints
+    people = [[standing_person()], pair, []]
+    detected = kp.DetectedPoses([kp.select_person(p) for p in people], people, [(90, 110)] * 3)
+    reused, _ = nodes.EncodeBodyFromImages().encode([loaded], [Refuses()], [images], [0.3], ["use the largest"],
+                                                    poses=[detected])
+    torch.testing.assert_close(reused.c_body, itself.c_body)
+    assert reused.views == itself.views == ("image 1 of 3", "image 2 of 3")
+    skipped, _ = nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images, 0.3, "skip the image", poses=detected)
+    assert skipped.views == ("image 1 of 3",)
+    # a plain list (one PersonPose | None per image) works as well
+    plain, _ = nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images, 0.3, poses=list(detected))
+    torch.testing.assert_close(plain.c_body, itself.c_body)
+    with pytest.raises(be.BodyEncodeError, match=r"cover 3 image\(s\) but 2 image\(s\)"):
+        nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images[:2], 0.3, poses=detected)
+    other = kp.DetectedPoses(list(detected), people, [(90, 110), (200, 100), (90, 110)])
+    with pytest.raises(be.BodyEncodeError, match="image 2 of 3 were detected on a 200x100 image"):
+        nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images, 0.3, poses=other)

@@ -39,12 +39,13 @@ CKPT = "bolid_test_sd15_random.safetensors"
 ADAPTER = "bolid_test_sd15_random_adapter.safetensors"
 ENCODER = "bolid_test_body_encoder.safetensors"
 POSE = "yolo11n-pose-random.onnx"
+CONTROLNET = "bolid_test_sd15_random_controlnet.safetensors"
 FACE_PACK = "tinypack"
 BODY_DIM = 32
 EXAMPLE_FILE_NAMES = ("checkpoints/sdxl_lightning_4step.safetensors", "checkpoints/v1-5-pruned-emaonly.safetensors",
                       "bolid/bolid_sdxl.safetensors", "bolid/bolid_sd15.safetensors",
                       "bolid/bolid_body_encoder.safetensors", "bolid_pose/yolo11n-pose.onnx",
-                      "bolid_body_ids/my_body.safetensors")
+                      "bolid_body_ids/my_body.safetensors", "controlnet/control_v11p_sd15_openpose.safetensors")
 START_TIMEOUT_S = 240
 PROMPT_TIMEOUT_S = 420
 
@@ -107,7 +108,7 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("comfy_base")
     models = base / "models"
-    for sub in ("checkpoints", "bolid", "bolid_pose", "bolid_body_ids", "insightface/models", "loras"):
+    for sub in ("checkpoints", "bolid", "bolid_pose", "bolid_body_ids", "insightface/models", "loras", "controlnet"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
@@ -123,7 +124,8 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
     started = time.monotonic()
     subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "comfy_random_sd15.py"), str(comfyui),
                     str(models / "checkpoints" / CKPT), str(models / "bolid" / ADAPTER), "--body-dim",
-                    str(BODY_DIM)], check=True, timeout=900, cwd=REPO_ROOT)
+                    str(BODY_DIM), "--controlnet", str(models / "controlnet" / CONTROLNET)],
+                   check=True, timeout=900, cwd=REPO_ROOT)
     photos = _photos()
     _build_pose_model(tmp_path_factory.mktemp("pose"), list(photos.values()), models / "bolid_pose" / POSE)
     test_face.build_tiny_pack(models / "insightface" / "models" / FACE_PACK)
@@ -135,6 +137,10 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
     _faceid_stand_ins(models)
     for name, img in photos.items():
         Image.fromarray(img).save(base / "input" / f"{name}.png")
+    # a photo set of three sizes (512x512, 810x1080 portrait, 1280x720 landscape) for Load Images From Folder
+    (base / "input" / "server_photos").mkdir()
+    for name, img in photos.items():
+        Image.fromarray(img).save(base / "input" / "server_photos" / f"{name}.png")
     print(f"[server test] model files built in {time.monotonic() - started:.0f} s")
     return base
 
@@ -263,7 +269,8 @@ def _stand_in_files(prompt: dict) -> dict:
     replacements = {
         "CheckpointLoaderSimple": {"ckpt_name": CKPT}, "BoLIDLoadAdapter": {"adapter_name": ADAPTER},
         "BoLIDLoadBodyEncoder": {"encoder_name": ENCODER}, "BoLIDLoadPoseModel": {"model_name": POSE},
-        "BoLIDLoadInsightFace": {"model_name": FACE_PACK},
+        "BoLIDLoadInsightFace": {"model_name": FACE_PACK}, "ControlNetLoader": {"control_net_name": CONTROLNET},
+        "BoLIDPosesToOpenPose": {"width": 64, "height": 64, "min_confidence": 0.0},
         "EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
         # random pose weights give low keypoint confidences: keep every detected view
         "BoLIDEncodeBodyFromImages": {"min_confidence": 0.0},
@@ -373,14 +380,15 @@ def test_photos_to_body_id_then_text_only_workflow_runs(server, base_dir):
     from bolid.body_id_io import load_body_id
 
     photos_prompt = _stand_in_files(_prompt("photos_to_body_id"))
-    loaders = sorted((k for k, n in photos_prompt.items() if n["class_type"] == "LoadImage"), key=int)
-    for node_id, photo in zip(loaders, ("astronaut.png", "bus.png", "zidane.png"), strict=True):
-        photos_prompt[node_id]["inputs"]["image"] = photo
+    _set(photos_prompt, "BoLIDLoadImagesFromFolder", folder="server_photos")
     _set(photos_prompt, "BoLIDSaveBodyID", name="server_test_body", overwrite=True)
     server.run(photos_prompt)
     saved = base_dir / "models" / "bolid_body_ids" / "server_test_body.safetensors"
     body = load_body_id(saved)
     assert body.dim == BODY_DIM and len(body.views) == 3
+    # the three photos of three shapes reached the encoder as a list, each at its own size
+    assert "BoLID: loaded 3 photo(s) from server_photos (astronaut.png 512x512, bus.png 810x1080, " \
+           "zidane.png 1280x720)" in server.log_text()
 
     text_prompt = _stand_in_files(_prompt("text_only_body_id_sdxl_lightning"))
     _set(text_prompt, "BoLIDLoadBodyID", body_id_name=saved.name)
@@ -408,3 +416,25 @@ def test_faceid_face_only_workflow_runs(server):
     assert image.size == (64, 64)
     log = server.log_text()
     assert "branches: face" in log and "lora key not loaded" not in log
+
+
+def test_pose_controlnet_workflow_runs(server, base_dir):
+    """Pose from a photo through a random-weight SD1.5 ControlNet (core ControlNetApplyAdvanced), body from a stored
+    Body ID through Apply Adapter (BoLID): the control image is drawn and changes the result."""
+    from bolid.body_id_io import sample_body_id, save_body_id
+
+    save_body_id(sample_body_id(BODY_DIM, seed=3), base_dir / "models" / "bolid_body_ids" / "server_pose_body.safetensors",
+                 overwrite=True)
+    prompt = _stand_in_files(_prompt("pose_controlnet_body_id_sd15"))
+    _set(prompt, "LoadImage", image="zidane.png")
+    _set(prompt, "BoLIDLoadBodyID", body_id_name="server_pose_body.safetensors")
+    entry = server.run(prompt)
+    (image,) = _saved_images(server, entry, prompt, "SaveImage")
+    (control,) = _saved_images(server, entry, prompt, "PreviewImage")
+    assert image.size == (64, 64) and control.size == (64, 64)
+    assert np.asarray(control.convert("RGB")).max() > 0, "no pose drawn in the control image"
+    assert "BoLID: patched 16 cross-attention layers" in server.log_text()
+    _set(prompt, "ControlNetApplyAdvanced", strength=0.0)
+    (without,) = _saved_images(server, server.run(prompt), prompt, "SaveImage")
+    a, b = (np.asarray(im.convert("RGB"), dtype=np.int16) for im in (image, without))
+    assert np.abs(a - b).max() > 0, "the ControlNet did not change the image"

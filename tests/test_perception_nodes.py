@@ -73,8 +73,8 @@ def _as_image(*frames: np.ndarray) -> torch.Tensor:
 
 def test_registered_with_display_names(pack):
     mappings, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
-    expected = {"BoLIDLoadPoseModel": "Load Pose Model (YOLO ONNX)", "BoLIDLoadInsightFace": "Load InsightFace",
-                "BoLIDDetectBodyPose": "Detect Body Pose", "BoLIDEncodeFace": "Encode Face"}
+    expected = {"BoLIDLoadPoseModel": "Load Pose Model (BoLID)", "BoLIDLoadInsightFace": "Load InsightFace (BoLID)",
+                "BoLIDDetectBodyPose": "Detect Body Pose (BoLID)", "BoLIDEncodeFace": "Encode Face (BoLID)"}
     for key, title in expected.items():
         cls = mappings[key]
         assert names[key] == title and cls.CATEGORY == "BoLID/perception"
@@ -94,13 +94,21 @@ def test_pose_nodes(nodes, comfy_models, pack, caplog):
     assert len(poses) == 2 and all(isinstance(p, pack.bolid.keypoints.PersonPose) for p in poses)
     direct = model.detect(zidane, conf=0.1)[0]
     assert poses[0].score == max(p.score for p in direct)
-    assert preview.shape == (2, *zidane.shape) and preview.dtype == torch.float32
-    assert 0.0 <= float(preview.min()) and float(preview.max()) <= 1.0
-    assert not torch.equal(preview[0], _as_image(zidane)[0])  # something was drawn
+    # every person found travels along (for Encode Body's several-people rule), with the image sizes
+    assert len(poses.people[0]) == len(direct) and poses.sizes == [(zidane.shape[1], zidane.shape[0])] * 2
+    assert len(preview) == 2 and preview[0].shape == (1, *zidane.shape) and preview[0].dtype == torch.float32
+    assert 0.0 <= float(preview[0].min()) and float(preview[0].max()) <= 1.0
+    assert not torch.equal(preview[0][0], _as_image(zidane)[0])  # something was drawn
+    # a list of photos of different sizes (ComfyUI hands list nodes every input as a list): one set of poses
+    photo_bus = comfy_models["photos"]["bus"]
+    listed, previews = nodes.DetectBodyPose().detect([model], [_as_image(zidane), _as_image(photo_bus)], [0.1],
+                                                     ["largest"])
+    assert listed.sizes == [(zidane.shape[1], zidane.shape[0]), (photo_bus.shape[1], photo_bus.shape[0])]
+    assert [tuple(p.shape) for p in previews] == [(1, *zidane.shape), (1, *photo_bus.shape)]
     # nobody above the threshold: None, and the preview is the image itself
     caplog.clear()
     poses, preview = nodes.DetectBodyPose().detect(model, _as_image(zidane), 1.0, "largest")
-    assert poses == [None] and torch.equal(preview[0], _as_image(zidane)[0])
+    assert poses == [None] and torch.equal(preview[0][0], _as_image(zidane)[0])
     assert "no person found in image 1 of 1" in caplog.text
 
 
@@ -128,6 +136,14 @@ def test_face_nodes(nodes, comfy_models, pack, caplog):
     assert "no face found in image 2 of 3" in caplog.text
     assert skipped.num_images == 2
     torch.testing.assert_close(skipped.embedding, expected, atol=1e-5, rtol=0)
+    # a list of photos of different sizes (Load Images From Folder): each is used whole
+    tall = face_photo((320, 200), (40, 90, 110), seed=9)
+    (listed,) = nodes.EncodeFace().encode([analyzer], [_as_image(a), _as_image(tall)], ["error"])
+    torch.testing.assert_close(listed.embedding, analyzer.embed([a, tall]).embedding, atol=1e-5, rtol=0)
+    assert listed.num_images == 2
+    # per-photo weights: weight 0 leaves a photo out of the average
+    (only_a,) = nodes.EncodeFace().encode([analyzer], [_as_image(a), _as_image(tall)], ["error"], ["1, 0"])
+    torch.testing.assert_close(only_a.embedding, analyzer.embed([a]).embedding, atol=1e-5, rtol=0)
 
 
 def test_missing_insightface_pack_is_clear(nodes, comfy_models):

@@ -23,7 +23,7 @@ UI_DIR = WORKFLOW_DIR / "ui"
 API_DIR = WORKFLOW_DIR / "api"
 WIDGET_LOCK = WORKFLOW_DIR / "spec" / "bolid_widgets.json"
 EXPECTED = ("faceid_face_only_sd15", "faceid_face_only_sdxl", "photo_face_body_sd15", "photo_face_body_sdxl_lightning",
-            "photos_to_body_id", "text_only_body_id_sdxl_lightning")
+            "photos_to_body_id", "pose_controlnet_body_id_sd15", "text_only_body_id_sdxl_lightning")
 
 
 def _load_build():

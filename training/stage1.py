@@ -190,6 +190,7 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
         mean, std = identity_target_statistics(dataset.identities)
         model_config = replace(model_config, target_mean=tuple(mean.tolist()), target_std=tuple(std.tolist()))
     model = BodyEncoder(model_config)
+    model.view_size = config.dataset.crop_size  # the cached views' side: inference cuts views at it too
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bolid.body_encoder import BodyEncoder, encoder_hash
+from bolid.body_encoder import BodyEncoder, encoder_hash, views_to_tensor
 from bolid.dataset import (
     DatasetCacheError,
     DatasetConfig,
@@ -150,7 +150,7 @@ def _check_crop_margin(path: Path, meta: dict[str, str], body_encoder: BodyEncod
 def _build_identity(folder: Path, files: list[str], tensors1: dict[str, torch.Tensor], buckets: BucketConfig,
                     vae: Any, body_encoder: BodyEncoder, face_embed: Callable | None, device: Any,
                     vae_batch: int) -> dict[str, torch.Tensor]:
-    crops = tensors1["crops"].permute(0, 3, 1, 2).float().div(255.0).to(device)
+    crops = views_to_tensor(tensors1["crops"]).to(device)
     mu, logvar = body_encoder.encode_views(crops, tensors1["keypoints"].float().to(device))
     out: dict[str, torch.Tensor] = {"body_mu": mu.float().cpu(), "body_logvar": logvar.float().cpu(),
                                     "body_weights": tensors1["weights"].float()}

@@ -43,7 +43,8 @@ UPLOAD_KEYS = ("image_upload", "video_upload", "animated_image_upload")
 # Nodes that exist only in ComfyUI's frontend (never sent to the server): type -> widget names.
 FRONTEND_ONLY = {"MarkdownNote": ("text",), "Note": ("text",)}
 CORE_NODE_TYPES = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
-                   "SaveImage", "PreviewImage", "LoadImage", "ImageBatch", "LoraLoaderModelOnly")
+                   "SaveImage", "PreviewImage", "LoadImage", "ImageBatch", "LoraLoaderModelOnly",
+                   "ControlNetLoader", "ControlNetApplyAdvanced")
 
 # File names the workflows expect (README "User guide" lists where each goes).
 SDXL_LIGHTNING_CKPT = "sdxl_lightning_4step.safetensors"
@@ -55,7 +56,6 @@ POSE_MODEL = "yolo11n-pose.onnx"
 FACE_PACK = "antelopev2"
 BODY_ID_NAME = "my_body"
 PHOTO = "person.png"
-PHOTOS = ("person_1.png", "person_2.png", "person_3.png")
 SDXL_BASE_CKPT = "sd_xl_base_1.0.safetensors"
 # face-only adapters written by `python -m bolid.faceid import <FaceID .bin> --out models/bolid` (default names)
 FACEID_ADAPTER = {"sd15": "bolid_ip-adapter-faceid_sd15.safetensors", "sdxl": "bolid_ip-adapter-faceid_sdxl.safetensors"}
@@ -79,6 +79,11 @@ PUBLIC_MODELS: dict[str, dict[str, str]] = {
 def model_metadata(*names: str) -> tuple[dict[str, str], ...]:
     """properties.models entries for public files (names without a public source are left out)."""
     return tuple({"name": n, **PUBLIC_MODELS[n]} for n in names if n in PUBLIC_MODELS)
+
+
+CONTROLNET_OPENPOSE_SD15 = "control_v11p_sd15_openpose.safetensors"
+POSE_PHOTO = "pose_reference.png"
+PHOTO_FOLDER = "my_person"  # a sub-folder of ComfyUI's input/ with the photos of one person
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,6 +199,7 @@ def stand_in_folder_paths():
         fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths.get(name, ([], set()))[0])
         fp.get_filename_list = lambda name: []
         fp.get_full_path = lambda name, filename: None
+        fp.get_input_directory = lambda: str(Path(models) / "input")  # absent: folder lists are empty
         sys.modules["folder_paths"] = fp
         try:
             yield fp
@@ -240,7 +246,8 @@ def dump_core(comfyui: Path) -> dict:
 
     import nodes  # type: ignore[import-not-found]  # ComfyUI's nodes.py (first on sys.path)
 
-    file_lists = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("LoraLoaderModelOnly", "lora_name")}
+    file_lists = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("LoraLoaderModelOnly", "lora_name"),
+                  ("ControlNetLoader", "control_net_name")}
     out = {}
     for class_type in CORE_NODE_TYPES:
         cls = nodes.NODE_CLASS_MAPPINGS[class_type]
@@ -509,30 +516,72 @@ def photo_face_body_sd15() -> Workflow:
 
 def photos_to_body_id() -> Workflow:
     nodes = [
-        Node(1, "LoadImage", (40, 60), {"image": PHOTOS[0]}, title="Photo 1", size=(300, 320)),
-        Node(2, "LoadImage", (40, 420), {"image": PHOTOS[1]}, title="Photo 2", size=(300, 320)),
-        Node(3, "LoadImage", (40, 780), {"image": PHOTOS[2]}, title="Photo 3", size=(300, 320)),
-        Node(4, "ImageBatch", (380, 300)),
-        Node(5, "ImageBatch", (380, 440)),
-        Node(6, "BoLIDLoadPoseModel", (380, 60), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),
-        Node(7, "BoLIDLoadBodyEncoder", (380, 180), {"encoder_name": BODY_ENCODER}, color=BOLID),
-        Node(8, "BoLIDEncodeBodyFromImages", (720, 60), {"min_confidence": 0.3, "several_people": "use the largest"},
+        Node(1, "BoLIDLoadImagesFromFolder", (40, 60), {"folder": PHOTO_FOLDER}, title="Photos of the person",
              color=BOLID),
-        Node(9, "BoLIDSaveBodyID", (1120, 60), {"name": BODY_ID_NAME, "overwrite": False}, color=BOLID),
-        Node(10, "PreviewImage", (1120, 240), title="Views used and their weights", size=(520, 360)),
-        _note(11, (720, 300), f"""**Several photos -> one Body ID**, saved to `models/bolid_body_ids/{BODY_ID_NAME}.safetensors`.
+        Node(6, "BoLIDLoadPoseModel", (40, 200), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),
+        Node(7, "BoLIDLoadBodyEncoder", (40, 340), {"encoder_name": BODY_ENCODER}, color=BOLID),
+        Node(2, "BoLIDDetectBodyPose", (420, 60), {"confidence": 0.25, "person": "largest"}, color=BOLID),
+        Node(3, "PreviewImage", (420, 260), title="Detected poses", size=(340, 360)),
+        Node(8, "BoLIDEncodeBodyFromImages", (820, 60), {"min_confidence": 0.3, "several_people": "use the largest"},
+             color=BOLID),
+        Node(9, "BoLIDSaveBodyID", (1220, 60), {"name": BODY_ID_NAME, "overwrite": False}, color=BOLID),
+        Node(10, "PreviewImage", (1220, 240), title="Views used and their weights", size=(520, 360)),
+        _note(11, (40, 480), f"""**Several photos -> one Body ID**, saved to `models/bolid_body_ids/{BODY_ID_NAME}.safetensors`.
 
-Files: `models/bolid/{BODY_ENCODER}`, `models/bolid_pose/{POSE_MODEL}`.
+Files: `models/bolid/{BODY_ENCODER}`, `models/bolid_pose/{POSE_MODEL}`; the photos in `input/{PHOTO_FOLDER}/`
+(jpg, png, webp).
 
-Add photos with more **Image Batch** nodes. Image Batch resizes (and centre-crops) every photo to the first one's
-size: use photos of similar aspect ratio. Views whose body-joint confidence is below min_confidence are skipped;
-the preview shows the views used and their weights. Then use the Body ID with the text-only workflow.""",
-              size=(360, 330)),
+**Load Images From Folder** hands every photo on at its own size: portrait and landscape photos are used whole
+(core Image Batch would resize and centre-crop them to the first one's size, cutting off heads or feet).
+**Detect Body Pose** runs once; Encode Body uses its poses (several_people decides what a group photo gives).
+Views whose body-joint confidence is below min_confidence are skipped; the preview shows the views used and their
+weights. Then use the Body ID with the text-only workflow.""",
+              size=(360, 360)),
     ]
-    links = [(1, "IMAGE", 4, "image1"), (2, "IMAGE", 4, "image2"), (4, "IMAGE", 5, "image1"), (3, "IMAGE", 5, "image2"),
-             (7, "body_encoder", 8, "body_encoder"), (6, "pose_model", 8, "pose_model"), (5, "IMAGE", 8, "images"),
-             (8, "body_id", 9, "body_id"), (8, "views_preview", 10, "images")]
-    return Workflow("photos_to_body_id", "Several photos -> Body ID -> saved", nodes, links)
+    links = [(7, "body_encoder", 8, "body_encoder"), (6, "pose_model", 8, "pose_model"), (1, "images", 8, "images"),
+             (6, "pose_model", 2, "pose_model"), (1, "images", 2, "image"), (2, "poses", 8, "poses"),
+             (2, "preview", 3, "images"), (8, "body_id", 9, "body_id"), (8, "views_preview", 10, "images")]
+    return Workflow("photos_to_body_id", "Photos of any size -> Body ID -> saved", nodes, links)
+
+
+def pose_controlnet_body_id_sd15() -> Workflow:
+    """Pose from a reference photo (ControlNet OpenPose), body identity from a stored Body ID (BoLID)."""
+    nodes, links = _sampler_part(SD15_CKPT, ADAPTER_SD15, 512, 768, SD15_SAMPLER, negative=SD15_NEGATIVE,
+                                 positive="full-body photo of a person in a park, natural light, detailed")
+    links = [link for link in links if link[2:] not in ((7, "positive"), (7, "negative"))]
+    nodes += [
+        Node(3, "BoLIDLoadBodyID", (40, 340), {"body_id_name": f"{BODY_ID_NAME}.safetensors"}, color=BOLID),
+        Node(10, "BoLIDApplyAdapter", (420, 60), {"weight_face": 0.0, "weight_body": 0.8, "start_at": 0.0,
+                                                  "end_at": 1.0}, color=BOLID),
+        Node(11, "LoadImage", (-780, 420), {"image": POSE_PHOTO}, title="Pose reference photo", size=(340, 420)),
+        Node(12, "BoLIDLoadPoseModel", (-780, 260), {"model_name": POSE_MODEL, "provider": "auto"}, color=BOLID),
+        Node(13, "BoLIDDetectBodyPose", (-400, 260), {"confidence": 0.25, "person": "largest"}, color=BOLID),
+        Node(14, "BoLIDPosesToOpenPose", (-400, 460), {"min_confidence": 0.3, "people": "main person",
+                                                       "width": 512, "height": 768}, color=BOLID),
+        Node(15, "ControlNetLoader", (-400, 60), {"control_net_name": CONTROLNET_OPENPOSE_SD15}),
+        Node(16, "ControlNetApplyAdvanced", (1240, 360), {"strength": 1.0, "start_percent": 0.0,
+                                                          "end_percent": 1.0}),
+        Node(17, "PreviewImage", (-20, 620), title="OpenPose control image", size=(340, 420)),
+        _note(18, (420, 420), FILES_NOTE.format(
+            ckpt=SD15_CKPT, adapter=ADAPTER_SD15,
+            more=f"- `models/controlnet/{CONTROLNET_OPENPOSE_SD15}` (any SD1.5 OpenPose ControlNet)\n"
+                 f"- `models/bolid_pose/{POSE_MODEL}`\n"
+                 f"- `models/bolid_body_ids/{BODY_ID_NAME}.safetensors` (made by the photos_to_body_id workflow)\n\n"
+                 "**Pose from ControlNet, body from BoLID**: Detect Body Pose finds the reference photo's pose, "
+                 "Poses To OpenPose Image draws it in the OpenPose colours at the generated size (512x768, "
+                 "fitted in, never cut), core Apply ControlNet conditions the prompts on it, and Apply Adapter "
+                 "(BoLID) gives the stored body.\n"),
+            size=(400, 360)),
+    ]
+    links += [
+        (3, "body_id", 10, "body_id"),
+        (12, "pose_model", 13, "pose_model"), (11, "IMAGE", 13, "image"), (13, "poses", 14, "poses"),
+        (14, "image", 16, "image"), (14, "image", 17, "images"), (15, "CONTROL_NET", 16, "control_net"),
+        (4, "CONDITIONING", 16, "positive"), (5, "CONDITIONING", 16, "negative"), (1, "VAE", 16, "vae"),
+        (16, "positive", 7, "positive"), (16, "negative", 7, "negative"),
+    ]
+    return Workflow("pose_controlnet_body_id_sd15", "Pose from a photo (ControlNet) + stored Body ID -> SD1.5",
+                    nodes, links)
 
 
 SDXL_SAMPLER = {"steps": 30, "cfg": 6.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
@@ -584,7 +633,7 @@ def faceid_face_only_sdxl() -> Workflow:
 
 
 WORKFLOW_BUILDERS = (text_only_sdxl_lightning, photo_face_body_sdxl_lightning, photos_to_body_id,
-                     photo_face_body_sd15, faceid_face_only_sd15, faceid_face_only_sdxl)
+                     photo_face_body_sd15, pose_controlnet_body_id_sd15, faceid_face_only_sd15, faceid_face_only_sdxl)
 
 
 def build_all(specs: dict[str, NodeSpec] | None = None) -> dict[Path, str]:

@@ -2,6 +2,7 @@
 
     python workflows/screenshot.py /path/to/ComfyUI [workflow name] [--out docs/workflow.png] [--chromium PATH]
     python workflows/screenshot.py /path/to/ComfyUI --thumbnails   # example_workflows/<name>.jpg for every example
+    python workflows/screenshot.py --schematic NAME                  # without ComfyUI or a browser: a drawn map
 
 Starts ComfyUI (--cpu, 127.0.0.1, free port, temporary --base-directory with the pack linked into custom_nodes and
 empty placeholder files named as the workflow expects, so its file lists show those names), opens the editor in
@@ -58,11 +59,19 @@ def _prepare_base(base: Path) -> None:
         photo = skimage.data.astronaut()
     except ImportError:
         photo = np.full((512, 512, 3), 128, np.uint8)
-    for name in ("person.png", "person_1.png", "person_2.png", "person_3.png"):
-        Image.fromarray(photo).save(base / "input" / name)
+    Image.fromarray(photo).save(base / "input" / "person.png")
+    (base / "input" / "my_person").mkdir()  # the photo folder photos_to_body_id preselects
+    for name in ("person_1.png", "person_2.png"):
+        Image.fromarray(photo).save(base / "input" / "my_person" / name)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--schematic"] and len(argv) == 2:
+        out = REPO / "example_workflows" / f"{argv[1]}.jpg"
+        schematic(argv[1], out)
+        print(f"wrote {out}")
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("comfyui", type=Path)
     parser.add_argument("workflow", nargs="?", default="photo_face_body_sdxl_lightning")
@@ -129,6 +138,43 @@ def main(argv: list[str] | None = None) -> int:
                     os.killpg(proc.pid, signal.SIGKILL)
             log.close()
     return 0
+
+
+def schematic(name: str, out: Path, size: tuple[int, int] = (768, 438)) -> None:
+    """The template picture drawn from the UI file alone (node boxes at their positions, titles, links), for
+    machines without Chromium; the real editor screenshot (--thumbnails) replaces it where one is available."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    ui = json.loads((REPO / "workflows" / "ui" / f"{name}.json").read_text())
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    x0 = min(n["pos"][0] for n in nodes.values()) - 20
+    y0 = min(n["pos"][1] for n in nodes.values()) - 50
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes.values()) + 20
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes.values()) + 20
+    scale = min(size[0] / (x1 - x0), size[1] / (y1 - y0))
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return ((x - x0) * scale + (size[0] - (x1 - x0) * scale) / 2, (y - y0) * scale + (size[1] - (y1 - y0) * scale) / 2)
+
+    image = Image.new("RGB", size, (32, 32, 32))
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.load_default(size=max(8, round(22 * scale)))
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    for link in ui["links"]:
+        src, dst = nodes[link[1]], nodes[link[3]]
+        a = at(src["pos"][0] + src["size"][0], src["pos"][1] + 20 + 22 * link[2])
+        b = at(dst["pos"][0], dst["pos"][1] + 20 + 22 * link[4])
+        draw.line([a, b], fill=(150, 150, 150), width=max(1, round(3 * scale)))
+    for node in nodes.values():
+        (ax, ay), (bx, by) = at(*node["pos"]), at(node["pos"][0] + node["size"][0], node["pos"][1] + node["size"][1])
+        top = at(node["pos"][0], node["pos"][1] - 30)[1]
+        draw.rectangle([ax, top, bx, by], fill=node.get("bgcolor", "#353535"), outline=(90, 90, 90))
+        draw.rectangle([ax, top, bx, ay], fill=node.get("color", "#222222"))
+        draw.text((ax + 3, top + 1), node.get("title") or node["type"], fill=(230, 230, 230), font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, "JPEG", quality=82, optimize=True)
 
 
 def _save(png: Path, out: Path, thumbnail: bool) -> None:
