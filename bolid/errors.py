@@ -15,3 +15,11 @@ class AdapterMismatchError(BoLIDError):
 
 class EmbeddingError(BoLIDError):
     """A face embedding or body identity is unusable (wrong size, NaN, ...)."""
+
+
+class UnsupportedModelError(BoLIDError):
+    """The model is not a UNet family BoLID patches (SD1.5 / SDXL cross-attention layout)."""
+
+
+class MaskError(BoLIDError):
+    """An attention mask input has a shape or values BoLID cannot apply."""

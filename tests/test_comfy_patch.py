@@ -91,22 +91,44 @@ def test_inactive_is_bit_identical(pack, setup, weights, sigma):
         assert not torch.equal(active(q, k, v, _options(attn, [1, 0], sigma=5.0)), out)
 
 
-def test_kv_computed_once_and_reused(pack, setup):
+def test_kv_computed_once_and_expanded_not_copied(pack, setup):
     unet, adapter, face, body = setup
     _, attn = cross_attention_modules(unet)[0]
     _, _, q, k, v = _qkv(attn, 2)
-    state = _state(pack, adapter, face, body)
-    patch = pack.nodes.comfy_patch.BoLIDAttn2Patch(state, 0)
     calls = []
     handle = adapter.face_proj.register_forward_hook(lambda *a: calls.append(1))
     try:
+        state = _state(pack, adapter, face, body)
+        patch = pack.nodes.comfy_patch.BoLIDAttn2Patch(state, 0)
         with torch.no_grad():
             first = patch(q, k, v, _options(attn, [1, 0]))
             second = patch(q, k, v, _options(attn, [1, 0]))
+            patch(q, k, v, _options(attn, [0]))
     finally:
         handle.remove()
     assert torch.equal(first, second)
-    assert len(calls) == 1
+    assert len(calls) == 1, "the face tokens are projected once, when the state is made"
+    # the state keeps two rows (cond, uncond) per layer and branch, whatever batch layouts were sampled
+    tokens = {"face": adapter.config.face_tokens, "body": adapter.config.body_tokens}
+    expected = sum(2 * 2 * tokens[b] * h for b in ("face", "body") for h in adapter.config.hidden_sizes)
+    assert sum(t.numel() for t in state.device_tensors()) == expected
+    # a uniform layout is a view of the stored row: no per-batch copy
+    param = state.identity_kv.kv["face_0"]
+    key, value = state.identity_kv.batch(0, "face", (0, 0, 0), 4, param.device, param.dtype)
+    assert key.shape[0] == 12 and key.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+    assert key.stride(0) == 0 and torch.equal(key[5], param[0, 0]) and torch.equal(value[11], param[1, 0])
+    key, _ = state.identity_kv.batch(0, "face", (1, 0), 2, param.device, param.dtype)
+    assert torch.equal(key[1], param[0, 1]) and torch.equal(key[2], param[0, 0])
+
+
+def test_identity_kv_never_stored_in_fp8(pack, setup):
+    _, adapter, face, body = setup
+    patch_mod = pack.nodes.comfy_patch
+    for dtype, expected in [(torch.float8_e4m3fn, torch.float32), (torch.bfloat16, torch.bfloat16),
+                            (torch.float16, torch.float16), (None, torch.float32)]:
+        state = _state(pack, adapter, face, body, kv_dtype=dtype)
+        assert {p.dtype for p in state.identity_kv.parameters()} == {expected}
+    assert patch_mod.compute_dtype(torch.float8_e5m2) == torch.float32
 
 
 def test_mask_resized_from_activations_shape(pack, setup):
