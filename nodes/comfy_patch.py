@@ -193,8 +193,10 @@ class IdentityKV(torch.nn.Module):
                 embed = embeds[branch]
                 tokens = adapter.tokens(branch, torch.cat([embed, torch.zeros_like(embed)]))
                 for layer in range(adapter.config.num_layers):
-                    key, value = adapter.branch_kv(layer, branch, tokens)
-                    pair = torch.stack([key, value])
+                    # a partly loaded adapter (low VRAM) has layers on both devices: follow each layer's weights
+                    weight = adapter.layer(layer).projections(branch)[0].weight
+                    key, value = adapter.branch_kv(layer, branch, tokens.to(weight.device, weight.dtype))
+                    pair = torch.stack([key, value]).to(tokens.device)
                     self.kv[f"{branch}_{layer}"] = torch.nn.Parameter(
                         pair.to(compute_dtype(dtype) if dtype is not None else pair.dtype), requires_grad=False)
 
@@ -249,18 +251,21 @@ class BoLIDPatchState:
     def active_branches(self) -> list[Branch]:
         return [b for b in ("face", "body") if b in self.embeds and self.weights.get(b, 0.0) != 0.0]
 
-    def in_schedule(self, extra_options: dict) -> bool:
+    def current_sigma(self, extra_options: dict) -> float | None:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
-            return True
+            return None
         # every layer of one step sees the same sigmas tensor: read it (a device sync) once per step, not per layer
         last = self._last_sigma
         if last is not None and last[0]() is sigmas:
-            sigma = last[1]
-        else:
-            sigma = float(sigmas.reshape(-1)[0])
-            self._last_sigma = (weakref.ref(sigmas), sigma)
-        return self.sigma_end <= sigma <= self.sigma_start
+            return last[1]
+        sigma = float(sigmas.reshape(-1)[0])
+        self._last_sigma = (weakref.ref(sigmas), sigma)
+        return sigma
+
+    def in_schedule(self, extra_options: dict) -> bool:
+        sigma = self.current_sigma(extra_options)
+        return sigma is None or self.sigma_end <= sigma <= self.sigma_start
 
     def spatial_mask(self, branch: Branch, activations_shape: Sequence[int] | None, chunks: int, per_chunk: int,
                      device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -357,8 +362,8 @@ class BoLIDAttn2Patch:
 
     def _add_stacked(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      extra_options: dict) -> torch.Tensor:
-        sigmas = extra_options.get("sigmas")
-        sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else _NO_SIGMA
+        sigma = self.state.current_sigma(extra_options)
+        sigma = _NO_SIGMA if sigma is None else sigma
         dtype = q.dtype
         for callback, kwargs in zip(self.callback, self.kwargs, strict=True):
             if kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", float("inf")):
