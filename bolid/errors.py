@@ -37,3 +37,11 @@ def reading(path: str | os.PathLike, error_cls: type[BoLIDError], what: str = "f
     except Exception as exc:  # the point is to catch whatever a foreign file provokes
         raise error_cls(f"{path}: cannot be read as a {what} ({type(exc).__name__}: {exc}); the file is damaged "
                         "or not what its name says: re-download or re-export it") from exc
+
+
+class UnsupportedModelError(BoLIDError):
+    """The model is not a UNet family BoLID patches (SD1.5 / SDXL cross-attention layout)."""
+
+
+class MaskError(BoLIDError):
+    """An attention mask input has a shape or values BoLID cannot apply."""

@@ -14,7 +14,14 @@ from ..bolid.errors import EmbeddingError
 from ..bolid.identity import BodyID, FaceEmbeds
 from ..bolid.safetensors_io import read_safetensors_metadata
 from .comfy_env import model_file_list, model_file_path
-from .comfy_patch import BoLIDAttn2Patch, BoLIDPatchState, check_adapter_fits, enumerate_cross_attention_layers
+from .comfy_patch import (
+    BoLIDPatchState,
+    check_adapter_fits,
+    compute_dtype,
+    model_compute_dtype,
+    register_patches,
+    supported_cross_attention_layers,
+)
 from .validate import warn_if_body_id_unverified
 
 logger = logging.getLogger("bolid")
@@ -31,24 +38,46 @@ class LoadedAdapter:
     body_encoder_hash: str = ""  # the Body-ID encoder the adapter was trained with, when the file records it
 
 
-def wrap_for_memory_manager(adapter: BoLIDAdapter) -> Any:
-    """A ComfyUI ModelPatcher around the adapter so load_models_gpu moves it with the UNet (None outside)."""
+def wrap_for_memory_manager(module: torch.nn.Module) -> Any:
+    """A ComfyUI ModelPatcher around a module so load_models_gpu moves, counts and offloads it (None outside)."""
     try:
         import comfy.model_management as mm  # type: ignore[import-not-found]
         import comfy.model_patcher  # type: ignore[import-not-found]
     except ImportError:
         return None
-    return comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
+    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
 
 def _comfy_unet_dtype() -> torch.dtype | None:
-    """The dtype ComfyUI runs UNets in (fp16/bf16 on most GPUs): the adapter's K/V weights need no more."""
+    """The dtype ComfyUI computes UNets in (fp16/bf16 on most GPUs), never a storage-only type such as fp8
+    (``--fp8_e4m3fn-unet``): those layers cannot run a LayerNorm or Linear."""
     try:
         import comfy.model_management as mm  # type: ignore[import-not-found]
     except ImportError:
         return None
-    return mm.unet_dtype()
+    dtype = mm.unet_dtype()
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = mm.unet_manual_cast(dtype, mm.get_torch_device())
+    return compute_dtype(dtype)
+
+
+def _identity_kv_device(loaded: LoadedAdapter) -> None:
+    """Inside ComfyUI, put the adapter on the compute device to derive the identity K/V there (fast);
+    sampling itself only needs the small K/V module, so the manager may offload the adapter afterwards."""
+    if loaded.patcher is None:
+        return
+    import comfy.model_management as mm  # type: ignore[import-not-found]
+
+    mm.load_models_gpu([loaded.patcher])
+
+
+def _offload(module: torch.nn.Module) -> torch.nn.Module:
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return module
+    return module.to(mm.unet_offload_device())
 
 
 class LoadBoLIDAdapter:
@@ -130,6 +159,10 @@ class ApplyBoLIDAdapter:
                 "body_id": ("BOLID_BODY_ID",),
                 "face_embeds": ("BOLID_FACE_EMBEDS",),
                 "attn_mask": ("MASK",),
+                "attn_mask_face": ("MASK", {"tooltip": "Where the face branch acts; replaces attn_mask for it. "
+                                                       "Same batch rule as attn_mask."}),
+                "attn_mask_body": ("MASK", {"tooltip": "Where the body branch acts; replaces attn_mask for it. "
+                                                       "Same batch rule as attn_mask."}),
             },
         }
 
@@ -141,28 +174,29 @@ class ApplyBoLIDAdapter:
 
     def apply(self, model: Any, bolid_adapter: LoadedAdapter, weight_face: float, weight_body: float,
               start_at: float, end_at: float, body_id: BodyID | None = None, face_embeds: FaceEmbeds | None = None,
-              attn_mask: torch.Tensor | None = None) -> tuple[Any]:
+              attn_mask: torch.Tensor | None = None, attn_mask_face: torch.Tensor | None = None,
+              attn_mask_body: torch.Tensor | None = None) -> tuple[Any]:
         if start_at > end_at:
             raise ValueError(f"Apply Adapter (BoLID): start_at ({start_at}) is after end_at ({end_at})")
         adapter = bolid_adapter.adapter
-        layers = enumerate_cross_attention_layers(model.get_model_object("diffusion_model"))
-        ordered = check_adapter_fits(adapter.config, layers)
+        ordered = check_adapter_fits(adapter.config, supported_cross_attention_layers(model))
         embeds = _identity_embeds(adapter, body_id, face_embeds, bolid_adapter.body_encoder_hash, weight_body)
         warn_if_body_id_unverified(body_id, bolid_adapter.name, bolid_adapter.body_encoder_hash)
         sampling = model.get_model_object("model_sampling")
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask if attn_mask.ndim == 3 else attn_mask.reshape(1, *attn_mask.shape[-2:])
+        branch_masks = {b: m for b, m in (("face", attn_mask_face), ("body", attn_mask_body)) if m is not None}
+        weights = {"face": float(weight_face), "body": float(weight_body)}
+        if any(weights.values()):
+            _identity_kv_device(bolid_adapter)
         state = BoLIDPatchState(
-            adapter=adapter, embeds=embeds, weights={"face": float(weight_face), "body": float(weight_body)},
+            adapter=adapter, embeds=embeds, weights=weights,
             sigma_start=float(sampling.percent_to_sigma(start_at)), sigma_end=float(sampling.percent_to_sigma(end_at)),
-            mask=mask, adapter_models=[bolid_adapter.patcher] if bolid_adapter.patcher is not None else [],
+            mask=attn_mask, branch_masks=branch_masks, kv_dtype=model_compute_dtype(model),
         )
-        patched = model.clone()
-        existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-        for index, layer in enumerate(ordered):
-            wrapped = existing.get(layer.key) or existing.get(layer.key[:2])
-            patched.set_model_attn2_replace(BoLIDAttn2Patch(state, index, wrapped), *layer.key)
+        _offload(state.identity_kv)
+        kv_patcher = wrap_for_memory_manager(state.identity_kv) if state.active_branches() else None
+        if kv_patcher is not None:
+            state.memory_models.append(kv_patcher)
+        patched = register_patches(model, state, ordered)
         logger.info("BoLID: patched %d cross-attention layers (face %.2f, body %.2f, branches: %s)", len(ordered),
                     weight_face, weight_body, ", ".join(embeds))
         return (patched,)

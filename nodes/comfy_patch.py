@@ -2,13 +2,21 @@
 
 ComfyUI calls a replace function after to_q/to_k/to_v and before to_out: ``fn(q, k, v, extra_options)``.
 We return the text attention (or a wrapped foreign patch's output) plus the weighted face and body branches,
-computed by the single implementation in ``bolid.attention``. Branch keys/values depend only on the adapter
-and the identity, so they are computed once per device/dtype and reused at every step.
+computed by the single implementation in ``bolid.attention``, plus whatever other packs stacked on the same
+layer through the ``.add(callback, **kwargs)`` protocol that ComfyUI_IPAdapter_plus, PuLID_ComfyUI and
+ComfyUI_InstantID share.
+
+Branch keys/values depend only on the adapter and the identity: they are computed once, when the node runs,
+into a small module (two rows per layer and branch: cond and uncond) that ComfyUI's memory manager loads with
+the UNet, counts, and offloads with it. Per batch layout they are expanded, never copied into a cache.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -22,11 +30,15 @@ import torch.nn.functional as F
 from ..bolid.adapter import BoLIDAdapter, Branch
 from ..bolid.attention import BranchKV, decoupled_cross_attention, sdpa_attention
 from ..bolid.config import AdapterConfig, describe_layout
-from ..bolid.errors import AdapterMismatchError
+from ..bolid.errors import AdapterMismatchError, MaskError, UnsupportedModelError
 from .comfy_env import comfy_optimized_attention
+
+logger = logging.getLogger("bolid")
 
 COND, UNCOND = 0, 1
 LayerKey = tuple[str, int, int]
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_FAMILIES = "SD1.5 and SDXL-architecture UNets (incl. Lightning/Turbo/Hyper finetunes)"
 
 
 @dataclass(frozen=True)
@@ -84,12 +96,130 @@ def check_adapter_fits(config: AdapterConfig, layers: Sequence[ComfyLayer]) -> l
     return ordered
 
 
+def model_family(model: Any) -> str:
+    """ComfyUI's name for the model's family (its model_config class: SD15, SDXL, Flux, SD3, ...)."""
+    base = getattr(model, "model", None)
+    config = getattr(base, "model_config", None)
+    if config is not None:
+        return type(config).__name__
+    return type(base).__name__ if base is not None else type(model).__name__
+
+
+def supported_cross_attention_layers(model: Any) -> list[ComfyLayer]:
+    """The model's cross-attention layers, or a refusal naming the family for anything BoLID cannot patch.
+
+    BoLID's adapters exist for UNets with SD1.5/SDXL's block layout. DiT models (Flux, SD3, ...) have no
+    such layers, video UNets add temporal blocks, and SD2.x (ctx 1024) has no BoLID adapter.
+    """
+    diffusion_model = model.get_model_object("diffusion_model")
+    family = model_family(model)
+    kind = type(diffusion_model).__name__
+    if not all(hasattr(diffusion_model, name) for name in ("input_blocks", "middle_block", "output_blocks")):
+        raise UnsupportedModelError(
+            f"Apply BoLID Adapter: the model is {family} ({kind}), not a UNet with SD1.5/SDXL cross-attention "
+            f"blocks; BoLID supports {SUPPORTED_FAMILIES}. Connect an SD1.5 or SDXL checkpoint's MODEL")
+    if "Video" in kind or any(hasattr(m, "time_stack") for m in diffusion_model.modules()):
+        raise UnsupportedModelError(
+            f"Apply BoLID Adapter: the model is {family} ({kind}), a video UNet with temporal blocks; BoLID "
+            f"supports {SUPPORTED_FAMILIES}")
+    layers = enumerate_cross_attention_layers(diffusion_model)
+    if not layers:
+        raise UnsupportedModelError(
+            f"Apply BoLID Adapter: the model is {family} ({kind}) and has no cross-attention layers; BoLID "
+            f"supports {SUPPORTED_FAMILIES}")
+    context = layers[0].context_dim
+    if context == 1024 or family.startswith(("SD2", "SD21")):
+        raise UnsupportedModelError(
+            f"Apply BoLID Adapter: the model is SD2.x ({family}, text context {context}); BoLID has no SD2 "
+            f"adapter and supports {SUPPORTED_FAMILIES} (text context 768 / 2048)")
+    return layers
+
+
+def compute_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """A dtype to compute in: fp16/bf16/fp32 stay, storage-only types (fp8, ...) and None become fp32."""
+    return dtype if dtype in COMPUTE_DTYPES else torch.float32
+
+
+def model_compute_dtype(model: Any) -> torch.dtype:
+    """The dtype ComfyUI runs this model's layers in: its manual-cast dtype when the weights are stored in
+    another one (fp8 checkpoints, ``--fp8_e4m3fn-unet``), else its weight dtype."""
+    base = getattr(model, "model", None)
+    dtype = getattr(base, "manual_cast_dtype", None)
+    if dtype is None and hasattr(base, "get_dtype"):
+        dtype = base.get_dtype()
+    return compute_dtype(dtype)
+
+
+def normalize_mask(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """A MASK input as [B, H, W] float32: [H, W], [B, H, W] and [B, 1, H, W] are accepted.
+
+    The batch rule (checked when sampling, where the latent batch is known): one mask for every latent, or
+    one per latent. ComfyUI may run cond and uncond in one batch or two; the same mask rows serve both.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise MaskError(f"Apply BoLID Adapter: {name} must be a MASK tensor, got {type(mask).__name__}")
+    shape = tuple(mask.shape)
+    if mask.ndim == 4 and shape[1] == 1:
+        mask = mask[:, 0]
+    elif mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise MaskError(f"Apply BoLID Adapter: {name} has shape {list(shape)}; expected a MASK [H, W], "
+                        "[B, H, W] or [B, 1, H, W] (one channel)")
+    if mask.numel() == 0:
+        raise MaskError(f"Apply BoLID Adapter: {name} is empty (shape {list(shape)})")
+    mask = mask.detach().to("cpu", torch.float32)
+    if not torch.isfinite(mask).all():
+        raise MaskError(f"Apply BoLID Adapter: {name} contains NaN or Inf values; fix the node that made it")
+    return mask
+
+
+class IdentityKV(torch.nn.Module):
+    """Keys and values of the identity branches at every layer, as frozen parameters.
+
+    One [2 (key, value), 2 (cond, uncond), tokens, inner] tensor per layer and active branch; the uncond row
+    comes from the zero embedding, as in training. Parameters rather than a dict cache, so that a
+    ModelPatcher around this module lets ComfyUI load it with the UNet, count it, and offload it on unload.
+    """
+
+    def __init__(self, adapter: BoLIDAdapter, embeds: dict[Branch, torch.Tensor], branches: Sequence[Branch],
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.kv = torch.nn.ParameterDict()
+        with torch.no_grad():
+            for branch in branches:
+                embed = embeds[branch]
+                tokens = adapter.tokens(branch, torch.cat([embed, torch.zeros_like(embed)]))
+                for layer in range(adapter.config.num_layers):
+                    # a partly loaded adapter (low VRAM) has layers on both devices: follow each layer's weights
+                    weight = adapter.layer(layer).projections(branch)[0].weight
+                    key, value = adapter.branch_kv(layer, branch, tokens.to(weight.device, weight.dtype))
+                    pair = torch.stack([key, value]).to(tokens.device)
+                    self.kv[f"{branch}_{layer}"] = torch.nn.Parameter(
+                        pair.to(compute_dtype(dtype) if dtype is not None else pair.dtype), requires_grad=False)
+
+    def batch(self, layer: int, branch: Branch, chunks: Sequence[int], per_chunk: int, device: torch.device,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, tokens, inner] keys/values for a batch of ``chunks`` (0 cond, 1 uncond) of ``per_chunk`` rows:
+        expanded views of the cond/uncond rows (a per-call concatenation when cond and uncond are mixed)."""
+        pair = self.kv[f"{branch}_{layer}"].to(device=device, dtype=dtype)  # no-op once ComfyUI loaded it
+        rows = [UNCOND if c == UNCOND else COND for c in chunks]
+        _, _, tokens, inner = pair.shape
+        if all(r == rows[0] for r in rows):
+            kv = pair[:, rows[0]:rows[0] + 1].expand(2, per_chunk * len(rows), tokens, inner)
+        else:
+            kv = torch.cat([pair[:, r:r + 1].expand(2, per_chunk, tokens, inner) for r in rows], dim=1)
+        return kv[0], kv[1]
+
+
 @dataclass
 class BoLIDPatchState:
-    """What every layer patch of one "Apply BoLID Adapter" shares: weights, identity, schedule, caches.
+    """What every layer patch of one "Apply BoLID Adapter" shares: identity K/V, weights, schedule, masks.
 
-    The embeddings are fixed when the node runs; caches only hold values derived from them and from the
-    adapter weights, so sharing one state between deep-copied patches is safe.
+    The embeddings are fixed when the node runs and the K/V are derived from them and the adapter weights
+    once, so sharing one state between deep-copied patches is safe.
     """
 
     adapter: BoLIDAdapter
@@ -97,130 +227,263 @@ class BoLIDPatchState:
     weights: dict[Branch, float]
     sigma_start: float = float("inf")
     sigma_end: float = 0.0
-    mask: torch.Tensor | None = None  # [Bm, H, W]
-    adapter_models: list[Any] = field(default_factory=list)  # ModelPatcher(s) for ComfyUI's memory manager
-    _kv_cache: dict = field(default_factory=dict, repr=False)
+    mask: torch.Tensor | None = None  # both branches, unless branch_masks has one for the branch
+    branch_masks: dict[Branch, torch.Tensor] = field(default_factory=dict)
+    kv_dtype: torch.dtype | None = None
+    memory_models: list[Any] = field(default_factory=list)  # ModelPatcher(s) for ComfyUI's memory manager
+    identity_kv: IdentityKV | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
     _mask_cache: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _last_sigma: tuple | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        shared = normalize_mask(self.mask, "attn_mask")
+        for branch in ("face", "body"):
+            own = normalize_mask(self.branch_masks.get(branch), f"attn_mask_{branch}")
+            if own is not None:
+                self._masks[branch] = (f"attn_mask_{branch}", own)
+            elif shared is not None:
+                self._masks[branch] = ("attn_mask", shared)
+        if self.identity_kv is None:
+            self.identity_kv = IdentityKV(self.adapter, self.embeds, self.active_branches(), self.kv_dtype)
+
     def active_branches(self) -> list[Branch]:
         return [b for b in ("face", "body") if b in self.embeds and self.weights.get(b, 0.0) != 0.0]
 
-    def in_schedule(self, extra_options: dict) -> bool:
+    def current_sigma(self, extra_options: dict) -> float | None:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
-            return True
+            return None
         # every layer of one step sees the same sigmas tensor: read it (a device sync) once per step, not per layer
         last = self._last_sigma
         if last is not None and last[0]() is sigmas:
-            sigma = last[1]
-        else:
-            sigma = float(sigmas.reshape(-1)[0])
-            self._last_sigma = (weakref.ref(sigmas), sigma)
-        return self.sigma_end <= sigma <= self.sigma_start
+            return last[1]
+        sigma = float(sigmas.reshape(-1)[0])
+        self._last_sigma = (weakref.ref(sigmas), sigma)
+        return sigma
 
-    def branch_kv(self, layer: int, branch: Branch, chunks: tuple[int, ...], per_chunk: int,
-                  device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, N, inner] keys/values for a batch laid out as ``chunks`` (0 = cond, 1 = uncond) of equal size."""
-        key = (layer, branch, chunks, per_chunk, device, dtype)
-        cached = self._kv_cache.get(key)
-        if cached is not None:
-            return cached
-        with self._lock, torch.no_grad():
-            pair_key = (layer, branch, device, dtype)
-            pair = self._kv_cache.get(pair_key)
-            if pair is None:
-                embeds = self.embeds[branch]
-                rows = torch.cat([embeds, torch.zeros_like(embeds)])  # cond, uncond (zero embedding)
-                tokens = self.adapter.tokens(branch, rows)
-                k, v = self.adapter.branch_kv(layer, branch, tokens)
-                pair = (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
-                self._kv_cache[pair_key] = pair
-            rows = torch.tensor(chunks, device=device).repeat_interleave(per_chunk)
-            result = (pair[0][rows], pair[1][rows])
-            self._kv_cache[key] = result
-        return result
+    def in_schedule(self, extra_options: dict) -> bool:
+        sigma = self.current_sigma(extra_options)
+        return sigma is None or self.sigma_end <= sigma <= self.sigma_start
 
-    def spatial_mask(self, activations_shape: Sequence[int], chunks: int, per_chunk: int,
+    def spatial_mask(self, branch: Branch, activations_shape: Sequence[int] | None, chunks: int, per_chunk: int,
                      device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        """The attention mask resized to this layer's exact h x w, as [B or 1, h*w, 1]."""
-        if self.mask is None:
+        """The branch's mask resized to this layer's exact h x w, as [1 or B, h*w, 1]; None without a mask.
+
+        One mask acts on every latent; n masks need a latent batch of n (cond and uncond reuse the rows).
+        """
+        entry = self._masks.get(branch)
+        if entry is None:
             return None
+        name, source = entry
+        n = source.shape[0]
+        if n not in (1, per_chunk):
+            raise MaskError(f"Apply BoLID Adapter: {name} is a batch of {n} masks and the latent batch is "
+                            f"{per_chunk}; connect one mask (used for every latent) or exactly one per latent")
+        if activations_shape is None:
+            raise MaskError(f"Apply BoLID Adapter: {name} is connected, but this ComfyUI does not report the "
+                            "latent size to attention patches; update ComfyUI (see README, Works with)")
         h, w = int(activations_shape[-2]), int(activations_shape[-1])
-        key = (h, w, chunks, per_chunk, device, dtype)
-        cached = self._mask_cache.get(key)
-        if cached is not None:
-            return cached
-        mask = self.mask.to(device=device, dtype=torch.float32)
-        resized = F.interpolate(mask.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
-        resized = resized.reshape(resized.shape[0], h * w, 1)
-        n = resized.shape[0]
-        if n == per_chunk * chunks or n == 1:
-            pass
-        elif n == per_chunk:
-            resized = resized.repeat(chunks, 1, 1)
-        else:
-            raise ValueError(f"BoLID attention mask has batch {n}; the latent batch is {per_chunk} "
-                             "(use one mask or one per latent)")
-        resized = resized.to(dtype)
-        self._mask_cache[key] = resized
-        return resized
+        key = (id(source), h, w, device, dtype)
+        resized = self._mask_cache.get(key)
+        if resized is None:
+            with self._lock:
+                resized = F.interpolate(source.to(device).unsqueeze(1), size=(h, w), mode="bilinear",
+                                        align_corners=False)
+                resized = resized.reshape(n, h * w, 1).to(dtype)
+                self._mask_cache[key] = resized
+        return resized.repeat(chunks, 1, 1) if n > 1 and chunks > 1 else resized
+
+    def release_device_caches(self, keep: torch.device) -> None:
+        """Drop resized masks held on any device but ``keep`` (called when ComfyUI moves the patches)."""
+        with self._lock:
+            for key in [k for k in self._mask_cache if k[3] != keep]:
+                del self._mask_cache[key]
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this state keeps between steps (for memory checks)."""
+        kv = list(self.identity_kv.parameters()) if self.identity_kv is not None else []
+        return kv + list(self._mask_cache.values())
+
+
+_NO_SIGMA = 999999999.9  # the sigma the stacking packs assume when none is reported
 
 
 class BoLIDAttn2Patch:
-    """The attn2 replace function for one layer; wraps a foreign patch found at the same key."""
+    """The attn2 replace function for one layer.
+
+    Wraps a foreign patch found at the same key when BoLID is applied, and accepts patches stacked later
+    through ``.add(callback, **kwargs)``, the protocol of ComfyUI_IPAdapter_plus, PuLID_ComfyUI and
+    ComfyUI_InstantID.
+    """
 
     def __init__(self, state: BoLIDPatchState, layer_index: int, wrapped: Callable | None = None) -> None:
         self.state = state
         self.layer_index = layer_index
         self.wrapped = wrapped
+        self.callback: list[Callable] = []
+        self.kwargs: list[dict] = []
+
+    def add(self, callback: Callable, **kwargs: Any) -> None:
+        """Stack another pack's callback: ``callback(out, q, k, v, extra_options, **kwargs)`` is added to
+        the output while ``kwargs["sigma_end"] <= sigma <= kwargs["sigma_start"]``."""
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        heads = extra_options["n_heads"]
         attention = _attention_fn(extra_options)
         if self.wrapped is not None:
-            base = self.wrapped(q, k, v, extra_options)
+            out = self.wrapped(q, k, v, extra_options)
         else:
-            base = attention(q, k, v, heads)
+            out = attention(q, k, v, extra_options["n_heads"])
+        out = self._add_identity(out, q, k, v, extra_options, attention)
+        if self.callback:
+            out = self._add_stacked(out, q, k, v, extra_options)
+        return out
+
+    def _add_identity(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      extra_options: dict, attention: Callable[..., torch.Tensor]) -> torch.Tensor:
         state = self.state
         branches = state.active_branches()
         if not branches or not state.in_schedule(extra_options):
-            return base
+            return out
         chunks = tuple(int(c) for c in extra_options.get("cond_or_uncond") or (COND,))
         if q.shape[0] % len(chunks):
             raise ValueError(f"BoLID: batch {q.shape[0]} does not split into cond_or_uncond chunks {list(chunks)}")
         per_chunk = q.shape[0] // len(chunks)
-        mask = None
-        if state.mask is not None and "activations_shape" in extra_options:
-            mask = state.spatial_mask(extra_options["activations_shape"], len(chunks), per_chunk, q.device, q.dtype)
+        shape = extra_options.get("activations_shape")
         kv = []
         for branch in branches:
-            key, value = state.branch_kv(self.layer_index, branch, chunks, per_chunk, q.device, q.dtype)
+            key, value = state.identity_kv.batch(self.layer_index, branch, chunks, per_chunk, q.device, q.dtype)
+            mask = state.spatial_mask(branch, shape, len(chunks), per_chunk, q.device, q.dtype)
             kv.append(BranchKV(key, value, state.weights[branch], mask))
-        return decoupled_cross_attention(q, k, v, heads, kv, attention=attention, base=base)
+        return decoupled_cross_attention(q, k, v, extra_options["n_heads"], kv, attention=attention, base=out)
+
+    def _add_stacked(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     extra_options: dict) -> torch.Tensor:
+        sigma = self.state.current_sigma(extra_options)
+        sigma = _NO_SIGMA if sigma is None else sigma
+        dtype = q.dtype
+        for callback, kwargs in zip(self.callback, self.kwargs, strict=True):
+            if kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", float("inf")):
+                out = out + callback(out, q, k, v, extra_options, **kwargs)
+        return out.to(dtype)
 
     def __deepcopy__(self, memo: dict) -> BoLIDAttn2Patch:
-        # ComfyUI deep-copies model_options on clone(): share the weights/caches, copy a wrapped foreign patch.
-        return BoLIDAttn2Patch(self.state, self.layer_index, copy.deepcopy(self.wrapped, memo))
+        # ComfyUI deep-copies model_options on clone(): share the identity state, copy what others stacked
+        # (their own patch objects are deep-copied the same way), so a clone's .add leaves the source alone.
+        other = BoLIDAttn2Patch(self.state, self.layer_index, copy.deepcopy(self.wrapped, memo))
+        other.callback = list(self.callback)
+        other.kwargs = copy.deepcopy(self.kwargs, memo)
+        return other
 
     def to(self, device_or_dtype: Any) -> BoLIDAttn2Patch:
-        # Weights are moved by ComfyUI's memory manager through models(); caches are keyed by device/dtype.
+        # The K/V module is moved by ComfyUI's memory manager through models(); resized masks on another
+        # device than the one the patches move to are dropped, so nothing stays behind on unload.
+        if isinstance(device_or_dtype, (torch.device, str)):
+            self.state.release_device_caches(torch.device(device_or_dtype))
         if self.wrapped is not None and hasattr(self.wrapped, "to"):
             self.wrapped = self.wrapped.to(device_or_dtype)
         return self
 
     def models(self) -> list[Any]:
-        models = list(self.state.adapter_models)
+        models = list(self.state.memory_models)
         if self.wrapped is not None and hasattr(self.wrapped, "models"):
             models += self.wrapped.models()
         return models
 
 
+class BoLIDBlockPatch:
+    """Registered at a block's 2-tuple key ``(block, number)`` next to BoLID's per-layer 3-tuple keys.
+
+    ComfyUI prefers 3-tuple keys, so a pack that later stacks at the 2-tuple key (SD1.5-style keys, e.g.
+    IPAdapter_plus) would be shadowed; finding this object there, its ``.add`` reaches every BoLID layer
+    patch of the block instead.
+    """
+
+    def __init__(self, layers: dict[int, BoLIDAttn2Patch]) -> None:
+        self.layers = layers
+
+    def add(self, callback: Callable, **kwargs: Any) -> None:
+        for patch in self.layers.values():
+            patch.add(callback, **kwargs)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        # only reached for a transformer index BoLID did not register (none in a supported UNet)
+        index = int(extra_options.get("block_index", 0))
+        if index in self.layers:
+            return self.layers[index](q, k, v, extra_options)
+        return _attention_fn(extra_options)(q, k, v, extra_options["n_heads"])
+
+
+def register_patches(model: Any, state: BoLIDPatchState, ordered: Sequence[ComfyLayer]) -> Any:
+    """A clone of ``model`` with BoLID at every layer's 3-tuple key (wrapping what was there) and a
+    :class:`BoLIDBlockPatch` at each block's 2-tuple key."""
+    patched = model.clone()
+    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    blocks: dict[tuple[str, int], dict[int, BoLIDAttn2Patch]] = {}
+    for index, layer in enumerate(ordered):
+        wrapped = existing.get(layer.key)
+        if wrapped is None:
+            wrapped = existing.get(layer.key[:2])
+            if isinstance(getattr(wrapped, "layers", None), dict):  # another BoLID's block patch
+                wrapped = wrapped.layers.get(layer.key[2])
+        patch = BoLIDAttn2Patch(state, index, wrapped)
+        patched.set_model_attn2_replace(patch, *layer.key)
+        blocks.setdefault(layer.key[:2], {})[layer.key[2]] = patch
+    for (block, number), layers in blocks.items():
+        patched.set_model_attn2_replace(BoLIDBlockPatch(layers), block, number)
+    return patched
+
+
+@dataclass(frozen=True)
+class AttentionSignature:
+    """What keywords ComfyUI's attention function takes (it changed across releases)."""
+
+    fn: Callable[..., torch.Tensor]
+    keywords: frozenset[str]
+    var_keyword: bool
+
+
+_TENSOR_ARGS = frozenset({"q", "k", "v", "heads", "query", "key", "value", "mask", "skip_reshape",
+                          "skip_output_reshape"})
+
+
+def describe_attention(fn: Callable[..., torch.Tensor]) -> AttentionSignature:
+    """Read the keywords of an attention function once (through functools.wraps wrappers)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: the oldest common keyword only
+        return AttentionSignature(fn, frozenset({"attn_precision"}), False)
+    keywords = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return AttentionSignature(fn, keywords, any(p.kind == p.VAR_KEYWORD for p in params))
+
+
+def attention_kwargs(signature: AttentionSignature, extra_options: dict) -> dict[str, Any]:
+    """The per-layer options ComfyUI itself would pass, limited to what this release's function takes:
+    attn_precision, transformer_options (0.3.57+), and any other named keyword found in the options."""
+    kwargs: dict[str, Any] = {}
+    if "attn_precision" in signature.keywords:
+        kwargs["attn_precision"] = extra_options.get("attn_precision")
+    if "transformer_options" in signature.keywords or signature.var_keyword:
+        kwargs["transformer_options"] = extra_options
+    for name in signature.keywords - _TENSOR_ARGS - kwargs.keys():
+        if not name.startswith("_") and name in extra_options:
+            kwargs[name] = extra_options[name]
+    return kwargs
+
+
+@functools.cache
+def comfy_attention_signature() -> AttentionSignature | None:
+    fn = comfy_optimized_attention()
+    return None if fn is None else describe_attention(fn)
+
+
 def _attention_fn(extra_options: dict) -> Callable[..., torch.Tensor]:
     """ComfyUI's optimized_attention with the layer's precision and options, or SDPA outside ComfyUI."""
-    comfy_attention = comfy_optimized_attention()
-    if comfy_attention is None:
+    signature = comfy_attention_signature()
+    if signature is None:
         return sdpa_attention
-    return partial(comfy_attention, attn_precision=extra_options.get("attn_precision"),
-                   transformer_options=extra_options)
+    kwargs = attention_kwargs(signature, extra_options)
+    return partial(signature.fn, **kwargs) if kwargs else signature.fn

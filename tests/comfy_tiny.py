@@ -113,3 +113,32 @@ def _copy_weights(model, unet) -> None:
                                                strict=False)
     if missing or unexpected:
         raise RuntimeError(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def tiny_comfy_model(config_class: str = "SD15", unet_config: dict | None = None, seed: int = 0,
+                     weight_dtype: torch.dtype | None = None, manual_cast_dtype: torch.dtype | None = None):
+    """A ModelPatcher around a tiny random model of any ComfyUI family (``comfy.supported_models`` class name),
+    optionally stored in ``weight_dtype`` and computed in ``manual_cast_dtype``, as ComfyUI's loaders do."""
+    use_cpu()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = getattr(comfy.supported_models, config_class)(dict(unet_config or TINY_SD15_UNET))
+    if weight_dtype is not None:
+        config.set_inference_dtype(weight_dtype, manual_cast_dtype)
+    model = config.get_model({})
+    _fill(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+# Layouts BoLID must refuse, kept tiny: a Flux DiT, an SD3 MMDiT, and SD2's UNet (text context 1024).
+TINY_FLUX = {"image_model": "flux", "in_channels": 4, "out_channels": 4, "vec_in_dim": 8, "context_in_dim": 16,
+             "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+             "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
+TINY_SD3 = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "depth": 2, "pos_embed_max_size": 16,
+            "num_patches": 256, "adm_in_channels": 8, "pos_embed_scaling_factor": None,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 16, "out_features": 128}}}
+TINY_SD2_UNET = {**TINY_SD15_UNET, "model_channels": 64, "context_dim": 1024, "use_linear_in_transformer": True}

@@ -66,8 +66,9 @@ class FakeModelPatcher:
         return {"diffusion_model": self.unet, "model_sampling": FakeSampling()}[name]
 
     def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        # ComfyUI's key rule: (block, number, index) for one transformer, (block, number) for the whole block
         to = self.model_options["transformer_options"].setdefault("patches_replace", {}).setdefault("attn2", {})
-        to[(block_name, number, transformer_index)] = patch
+        to[(block_name, number) if transformer_index is None else (block_name, number, transformer_index)] = patch
 
 
 @pytest.fixture()
@@ -133,7 +134,10 @@ def test_apply_patches_every_sd15_layer_in_mapped_order(pack, folders):
     (patched,) = _nodes(pack).ApplyBoLIDAdapter().apply(model, loaded, 0.7, 0.9, 0.0, 1.0, body_id=body,
                                                         face_embeds=face)
     patches = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-    assert sorted(patches) == sorted(SD15_KEYS)
+    # every layer's 3-tuple key, plus each block's 2-tuple key, where packs stacking SD1.5-style find BoLID
+    assert sorted(k for k in patches if len(k) == 3) == sorted(SD15_KEYS)
+    assert sorted(k for k in patches if len(k) == 2) == sorted(k[:2] for k in SD15_KEYS)
+    assert patches[("input", 1)].layers == {0: patches[("input", 1, 0)]}
     # adapter index order: input blocks, output blocks, then the middle block (diffusers' down, up, mid)
     assert patches[("input", 1, 0)].layer_index == 0
     assert patches[("output", 3, 0)].layer_index == 6

@@ -50,6 +50,55 @@ START_TIMEOUT_S = 240
 PROMPT_TIMEOUT_S = 420
 
 
+# A second adapter pack for the server, following the stacking protocol of IPAdapter_plus/PuLID/InstantID
+# (tests/stacking_standin.py): SD1.5-style (block, number) keys, .add on a patch found there.
+STACKING_NODE = """
+import logging
+import sys
+
+sys.path[:0] = [{tests!r}, {repo!r}]
+import torch
+from stacking_standin import StandInReplace, extra_tokens_attention
+
+
+class StackAdapter:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"model": ("MODEL",), "weight": ("FLOAT", {{"default": 1.0}})}}}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = "testing"
+
+    def apply(self, model, weight):
+        model = model.clone()
+        unet = model.get_model_object("diffusion_model")
+        blocks = [("input", i, b) for i, b in enumerate(unet.input_blocks)] + [("middle", 0, unet.middle_block)]
+        blocks += [("output", i, b) for i, b in enumerate(unet.output_blocks)]
+        gen = torch.Generator().manual_seed(0)
+        attn2 = model.model_options["transformer_options"].setdefault("patches_replace", {{}}).setdefault("attn2", {{}})
+        stacked = own = 0
+        for name, number, block in blocks:
+            layers = [t.attn2 for m in block.modules() for t in getattr(m, "transformer_blocks", [])]
+            if not layers:
+                continue
+            inner = layers[0].to_k.weight.shape[0]
+            kwargs = {{"tokens_k": torch.randn(1, 3, inner, generator=gen), "tokens_v": torch.randn(1, 3, inner, generator=gen),
+                      "weight": weight, "sigma_start": 1e9, "sigma_end": 0.0}}
+            if (name, number) in attn2:
+                attn2[(name, number)].add(extra_tokens_attention, **kwargs)
+                stacked += 1
+            else:
+                attn2[(name, number)] = StandInReplace(extra_tokens_attention, **kwargs)
+                own += 1
+        logging.info("stand-in adapter: stacked on %d existing patches, %d of its own", stacked, own)
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS = {{"BoLIDTestStackAdapter": StackAdapter}}
+"""
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -112,6 +161,9 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
         (models / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    (base / "custom_nodes" / "bolid_test_stacking").mkdir()
+    (base / "custom_nodes" / "bolid_test_stacking" / "__init__.py").write_text(STACKING_NODE.format(
+        tests=str(REPO_ROOT / "tests"), repo=str(REPO_ROOT)))
     (base / "input").mkdir()
     (base / "user" / "default").mkdir(parents=True)
     # no first-run dialogs in the graph editor
@@ -438,3 +490,20 @@ def test_pose_controlnet_workflow_runs(server, base_dir):
     (without,) = _saved_images(server, server.run(prompt), prompt, "SaveImage")
     a, b = (np.asarray(im.convert("RGB"), dtype=np.int16) for im in (image, without))
     assert np.abs(a - b).max() > 0, "the ControlNet did not change the image"
+
+
+def test_bolid_and_a_second_adapter_pack_on_one_model(server):
+    """BoLID, then another pack stacking at SD1.5-style keys (the stand-in protocol node) on the same model."""
+    prompt = _stand_in_files(_prompt("photo_face_body_sd15"))
+    _set(prompt, "LoadImage", image="astronaut.png")
+    (apply_id,) = [k for k, n in prompt.items() if n["class_type"] == "BoLIDApplyAdapter"]
+    (bolid_only,) = _saved_images(server, server.run(prompt), prompt, "SaveImage")
+    stack_id = str(max(int(k) for k in prompt) + 1)
+    prompt[stack_id] = {"class_type": "BoLIDTestStackAdapter", "inputs": {"model": [apply_id, 0], "weight": 1.0}}
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["model"] = [stack_id, 0]
+    (both,) = _saved_images(server, server.run(prompt), prompt, "SaveImage")
+    assert "stand-in adapter: stacked on 16 existing patches, 0 of its own" in server.log_text()
+    a, b = (np.asarray(im.convert("RGB"), dtype=np.int16) for im in (bolid_only, both))
+    assert a.std() > 0 and np.abs(a - b).max() > 0, "the second adapter changed the image"
