@@ -116,8 +116,12 @@ def onnx_signature(path: str | os.PathLike) -> OnnxSignature:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for damaged files
-        raise FaceModelError(f"{path}: not a readable ONNX model ({exc}); re-download the pack") from exc
+        raise FaceModelError(f"InsightFace model file {path} is damaged or not an ONNX model ({exc}); "
+                             "re-download the pack") from exc
     graph = model.graph
+    if not graph.node or not graph.input:  # an empty file parses as an empty model
+        raise FaceModelError(f"InsightFace model file {path} is damaged or not an ONNX model (it holds no graph); "
+                             "re-download the pack")
     init = {t.name for t in graph.initializer}
 
     def dims(value) -> list:

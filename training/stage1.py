@@ -201,7 +201,8 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
         step = resumed_step(ckpt)
         logger.info("BoLID stage 1: resumed from %s at step %d", ckpt, step)
     if tc.report_to != "none":
-        hparams = {**{f"model/{k}": v for k, v in config.model.architecture().items()},
+        hparams = {**{f"model/{k}": v for k, v in model_config.architecture().items()
+                      if isinstance(v, (int, float, str, bool))},  # tensorboard takes scalars only
                    **{f"training/{k}": v for k, v in asdict(tc).items()}, "seed": config.seed,
                    "identities": len(dataset.identities)}
         accelerator.init_trackers("bolid_stage1", config=hparams)
