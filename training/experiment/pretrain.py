@@ -82,6 +82,21 @@ def gaussian_heatmaps(kp: torch.Tensor, size: int, sigma: float = 1.0) -> torch.
     return h / h.flatten(2).sum(-1).clamp_min(1e-8)[..., None, None]
 
 
+def partly_broken_batch(rng: np.random.Generator, batch: int, broken_fraction: float
+                        ) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """Rendered photos, their images with about ``broken_fraction`` of them broken on purpose, which were broken,
+    and which of those are blank backgrounds (no person at all)."""
+    photos = render_batch(rng, batch)
+    images = np.stack([p.image for p in photos])
+    broken = rng.random(batch) < broken_fraction
+    blank = np.zeros(batch, dtype=bool)
+    for i in np.nonzero(broken)[0]:
+        kind = TRAINED_BREAKS[int(rng.integers(len(TRAINED_BREAKS)))]
+        blank[i] = kind == "blank"
+        images[i] = break_photo(photos[i], kind, rng, other=photos[(i + 1) % batch])
+    return photos, images, broken, blank
+
+
 def train_pose(steps: int, batch: int, lr: float, seed: int, broken_fraction: float = 0.25
                ) -> tuple[WorldPoseNet, list[float]]:
     """Keypoints, caption attributes, appearance (skin, hair, build) and render quality. A quarter of each batch
@@ -95,14 +110,7 @@ def train_pose(steps: int, batch: int, lr: float, seed: int, broken_fraction: fl
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
-        photos = render_batch(rng, batch)
-        images = np.stack([p.image for p in photos])
-        broken = rng.random(batch) < broken_fraction
-        blank = np.zeros(batch, dtype=bool)
-        for i in np.nonzero(broken)[0]:
-            kind = TRAINED_BREAKS[int(rng.integers(len(TRAINED_BREAKS)))]
-            blank[i] = kind == "blank"
-            images[i] = break_photo(photos[i], kind, rng, other=photos[(i + 1) % batch])
+        photos, images, broken, blank = partly_broken_batch(rng, batch, broken_fraction)
         x = degrade(to_model_range(images), rng)
         kp = torch.from_numpy(np.stack([p.keypoints for p in photos]))
         good = torch.from_numpy(~broken)
@@ -154,12 +162,7 @@ def train_appearance(net: WorldPoseNet, steps: int, batch: int, lr: float, seed:
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
-        photos = render_batch(rng, batch)
-        images = np.stack([p.image for p in photos])
-        broken = rng.random(batch) < broken_fraction
-        for i in np.nonzero(broken)[0]:
-            kind = TRAINED_BREAKS[int(rng.integers(len(TRAINED_BREAKS)))]
-            images[i] = break_photo(photos[i], kind, rng, other=photos[(i + 1) % batch])
+        photos, images, broken, _ = partly_broken_batch(rng, batch, broken_fraction)
         out = net(degrade(to_model_range(images), rng))
         good = torch.from_numpy(~broken)
         idents = [make_identity(0, p.identity) for p in photos]
