@@ -72,3 +72,18 @@ def test_experiment_runs_end_to_end_and_reports_every_arm(tmp_path):
 
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape[0] > 2 * 32 and grid.std() > 0
+
+
+@pytest.mark.skipif(not (ASSETS / "base_unet.safetensors").is_file(), reason="world models not committed")
+def test_sampling_sweep_measures_each_setting_like_the_text_only_arm():
+    from training.experiment.sampling_sweep import sweep
+
+    cfg = ExperimentConfig.load(CONFIG, {k: SHORT[k] for k in ("threads", "world", "sampling", "stats")})
+    result = sweep(cfg, guidances=(1.0, 3.0), step_counts=(2,))
+    assert result["images"] == 6 and [(r["steps"], r["guidance"]) for r in result["text_only"]] == [(2, 1.0), (2, 3.0)]
+    assert result["real_photos"]["failed_render"]["estimate"] == 0.0
+    for row in result["text_only"]:
+        assert 0.0 <= row["failed_render"]["estimate"] <= 1.0
+        assert math.isfinite(row["fid_vs_real_photos"]) and row["caption_attributes_vs_real_floor"] >= 0
+    # guidance changes the images (same noise): the two settings are not the same measurement
+    assert result["text_only"][0]["fid_pose_features"] != result["text_only"][1]["fid_pose_features"]

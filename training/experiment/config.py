@@ -79,8 +79,8 @@ class Stage2Options:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    steps: int = 20
-    guidance: float = 3.0
+    steps: int = 10
+    guidance: float = 1.5
     seeds_per_caption: int = 1
     batch: int = 128
 

@@ -102,6 +102,30 @@ class References:
     hair: np.ndarray  # [P]
 
 
+@dataclass
+class GenerationRows:
+    """What every arm generates: one row per (held-out person, target caption, seed), the same in every arm."""
+
+    person: np.ndarray  # [N] index of the person each image should show
+    captions: list[str]
+    seeds: list[int]
+    truth_attributes: list[dict[str, str]]
+    target_images: list[np.ndarray]  # the real photo each caption describes (the measurement floor)
+
+
+def generation_rows(cfg: ExperimentConfig, world: Any, names: list[str]) -> GenerationRows:
+    person, captions, seeds, truth, images = [], [], [], [], []
+    for k, name in enumerate(names):
+        for j, tgt in enumerate(world.heldout[name].targets):
+            for s in range(cfg.sampling.seeds_per_caption):
+                person.append(k)
+                captions.append(tgt.caption)
+                seeds.append(cfg.seed * 100_003 + k * 1000 + j * 10 + s)
+                truth.append(tgt.attributes)
+                images.append(tgt.image)
+    return GenerationRows(np.array(person), captions, seeds, truth, images)
+
+
 def references_of(world: Any, pose: WorldPose, seed: int) -> References:
     names = sorted(world.heldout)
     props, confs, apps = [], [], []
@@ -325,10 +349,12 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.arms.target_in_context:
         plan.append(("target_in_context", "bolid", None, True))
     identity_sets: dict[str, list] = {}
+    train_views: dict[str, tuple] = {}  # the encoder's view posteriors of each training person, shared by arms
     for key, body, id_weight, in_context in plan:
         t0 = time.time()
         if body not in identity_sets:
-            identity_sets[body] = stage2_identities(world, pose, None if body == "oracle" else encoder, cfg.seed, body)
+            identity_sets[body] = stage2_identities(world, pose, None if body == "oracle" else encoder, cfg.seed, body,
+                                                    train_views)
         dim = ORACLE_DIM if body == "oracle" else encoder.latent_dim
         adapters[key], losses = train_adapter(cfg, identity_sets[body], dim, unet, text, pose, id_weight, in_context)
         stage2_losses[key] = [round(float(r["loss"]), 5) for r in losses[-20:]]
@@ -359,16 +385,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
                                               distribution=encoder.body_prior).c_body for k, name in enumerate(names)}
     drawn = torch.stack(list(tables["sampled"].values()))
 
-    rows_person, captions, seeds, truth_attrs, target_images = [], [], [], [], []
-    for k, name in enumerate(names):
-        for j, tgt in enumerate(world.heldout[name].targets):
-            for s in range(cfg.sampling.seeds_per_caption):
-                rows_person.append(k)
-                captions.append(tgt.caption)
-                seeds.append(cfg.seed * 100_003 + k * 1000 + j * 10 + s)
-                truth_attrs.append(tgt.attributes)
-                target_images.append(tgt.image)
-    person = np.array(rows_person)
+    plan_rows = generation_rows(cfg, world, names)
+    person, captions, seeds = plan_rows.person, plan_rows.captions, plan_rows.seeds
+    truth_attrs, target_images = plan_rows.truth_attributes, plan_rows.target_images
     n_people = len(names)
 
     def bodies(arm: Arm) -> torch.Tensor:

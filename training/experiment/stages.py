@@ -133,12 +133,20 @@ def body_of(encoder: BodyEncoder, photos: list[SyntheticPhoto], pose: WorldPose)
 
 
 def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None, seed: int,
-                      body: str = "bolid") -> list[Any]:
+                      body: str = "bolid", views: dict[str, tuple] | None = None) -> list[Any]:
     """The training identities for stage 2, with the body condition of one arm.
 
     body: "bolid" (per-view posteriors of the encoder), "oracle" (the true identity vector, standardised), or
-    "shuffled" (the encoder's posteriors of another training person: a fixed random derangement)."""
+    "shuffled" (the encoder's posteriors of another training person: a fixed random derangement). ``views``
+    caches :func:`view_posteriors` per person across arms (the BoLID and shuffled arms read the same people)."""
     from training.stage2_core import Stage2Identity
+
+    views = {} if views is None else views
+
+    def posteriors(name: str) -> tuple:
+        if name not in views:
+            views[name] = view_posteriors(encoder, world.train[name], pose)
+        return views[name]
 
     names = list(world.train)
     donors = names
@@ -151,14 +159,15 @@ def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None
     out = []
     for name, donor in zip(names, donors, strict=True):
         photos = world.train[name]
-        kps = pose.keypoints([p.image for p in photos])
         if body == "oracle":
+            kps = pose.keypoints([p.image for p in photos])
             vec = torch.from_numpy(make_identity(seed, photos[0].identity).oracle_vector())
             mu = vec.expand(len(photos), -1).clone()
             logvar = torch.full_like(mu, ORACLE_LOGVAR)
             weights = torch.ones(len(photos))
         else:
-            mu, logvar, weights, _ = view_posteriors(encoder, world.train[donor], pose)
+            kps = posteriors(name)[3]
+            mu, logvar, weights, _ = posteriors(donor)
         samples = list(to_model_range(np.stack([p.image for p in photos])))
         out.append(Stage2Identity(name=name, samples=samples, captions=[p.caption for p in photos], body_mu=mu,
                                   body_logvar=logvar, body_weights=weights, keypoints=torch.from_numpy(kps)))
