@@ -87,3 +87,31 @@ def test_sampling_sweep_measures_each_setting_like_the_text_only_arm():
         assert math.isfinite(row["fid_vs_real_photos"]) and row["caption_attributes_vs_real_floor"] >= 0
     # guidance changes the images (same noise): the two settings are not the same measurement
     assert result["text_only"][0]["fid_pose_features"] != result["text_only"][1]["fid_pose_features"]
+
+
+def test_recipe_probe_overrides_are_typed():
+    from training.experiment.recipe_probe import parse_overrides
+
+    assert parse_overrides(["stage2.max_steps=900", "stage2.learning_rate=3e-3", "output_dir=/tmp/x"]) == {
+        "stage2": {"max_steps": 900, "learning_rate": 3e-3}, "output_dir": "/tmp/x"}
+    with pytest.raises(SystemExit, match="table.key=value"):
+        parse_overrides(["stage2.max_steps"])
+
+
+@pytest.mark.skipif(not (ASSETS / "base_unet.safetensors").is_file(), reason="world models not committed")
+@pytest.mark.parametrize("what", ["stage1", "oracle"])
+def test_recipe_probe_runs_each_probe(tmp_path, what):
+    from training.experiment.recipe_probe import main
+
+    sets = ["threads=1", "world.train_identities=4", "world.photos_per_identity=3", "world.heldout_identities=3",
+            "world.heldout_reference_photos=2", "world.heldout_target_photos=1", "stage1.latent_dim=8",
+            "stage1.width=8", "stage1.hidden=16", "stage1.max_steps=2", "stage1.batch_size=4", "stage2.max_steps=2",
+            "stage2.batch_size=2", "stage2.warmup_steps=1", "sampling.steps=2", f"output_dir={tmp_path / 'o'}"]
+    out = tmp_path / "probe.json"
+    assert main([what, *sum((["--set", s] for s in sets), []), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["probe"] == what and result["overrides"]["stage2"]["max_steps"] == 2
+    if what == "stage1":
+        assert result["stage1"]["halves_identification"]["n_candidates"] == 3
+    else:
+        assert set(result["text"]) == set(result["oracle"]) and 0 <= result["oracle"]["skin_error"] <= 1

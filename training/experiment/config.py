@@ -46,7 +46,7 @@ class Stage1Options:
     decoder_size: int = 16
     width: int = 16
     hidden: int = 128
-    max_steps: int = 500
+    max_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 1e-3
     kl_weight: float = 1e-3

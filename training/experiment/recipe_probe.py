@@ -1,0 +1,114 @@
+"""Probes of the training recipe, cheaper than a whole experiment: how far does one change move one rung?
+
+    # stage 1 alone: halves identification and the proportion head on the held-out people
+    python -m training.experiment.recipe_probe stage1 --set stage1.max_steps=1500 --out probe_stage1.json
+    # the oracle adapter alone (the top of the ladder): does it transfer skin, hair and body at all?
+    python -m training.experiment.recipe_probe oracle --set stage2.max_steps=900 --out probe_oracle.json
+
+Same world, held-out people, captions, seeds and measurements as the experiment (``run.measure``); ``--set
+table.key=value`` overrides the experiment config (typed, so a typo is an error). Used to choose the default
+config and to show, measured, what did not help (see the README's experiment section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bolid.safetensors_io import atomic_write_text
+from bolid.synthetic import ORACLE_DIM
+
+from .config import ExperimentConfig
+from .run import generation_rows, measure, references_of, stage1_checks
+from .stages import generate, load_world_models, render_world, run_stage1, stage2_identities, train_adapter
+
+logger = logging.getLogger("bolid.experiment")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["stage2.max_steps=900", ...] -> {"stage2": {"max_steps": 900}} (values read as Python literals)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected table.key=value")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = out
+        *tables, leaf = key.split(".")
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[leaf] = value
+    return out
+
+
+def probe_stage1(cfg: ExperimentConfig) -> dict[str, Any]:
+    unet, text, pose = load_world_models(cfg.assets)
+    world = render_world(cfg)
+    t0 = time.time()
+    encoder, losses = run_stage1(cfg, world, pose)
+    seconds = time.time() - t0
+    checks = stage1_checks(cfg, world, encoder, pose, sorted(world.heldout))
+    return {"stage1": checks, "train_seconds": round(seconds, 1), "final_losses": [float(v) for v in losses[-5:]]}
+
+
+def probe_oracle(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Text only against the oracle adapter (true identity vector), same captions and noise."""
+    unet, text, pose = load_world_models(cfg.assets)
+    world = render_world(cfg)
+    names = sorted(world.heldout)
+    rows = generation_rows(cfg, world, names)
+    t0 = time.time()
+    identities = stage2_identities(world, pose, None, cfg.seed, "oracle")
+    adapter, losses = train_adapter(cfg, identities, ORACLE_DIM, unet, text, pose)
+    seconds = time.time() - t0
+    refs = references_of(world, pose, cfg.seed)
+    own = torch.stack([torch.from_numpy(world.heldout[names[p]].identity.oracle_vector()) for p in rows.person])
+    out: dict[str, Any] = {"train_seconds": round(seconds, 1),
+                           "final_loss_mean_of_50": float(np.mean([float(r["loss"]) for r in losses[-50:]]))}
+    smp = cfg.sampling
+    for label, ad in (("text", None), ("oracle", adapter)):
+        images = generate(unet, text, rows.captions, rows.seeds, ad, own if ad is not None else None, smp.steps,
+                          smp.guidance, smp.batch)
+        m = measure(pose.read(images), rows.person, refs, rows.truth_attributes)
+        out[label] = {k: float(np.mean(m[k])) for k in ("skin_error", "hair_error", "body_error",
+                                                         "caption_attributes", "failed_render")}
+        out[label]["appearance_identification_top1"] = float(np.mean(m["appearance_distances"].argmin(1) == rows.person))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=("stage1", "oracle"))
+    p.add_argument("--config", default="training/configs/experiment.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    overrides = parse_overrides(args.overrides)
+    cfg = ExperimentConfig.load(args.config, overrides)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    result = (probe_stage1 if args.what == "stage1" else probe_oracle)(cfg)
+    result.update(probe=args.what, overrides=overrides, seconds=round(time.time() - t0, 1),
+                  threads=torch.get_num_threads(), config=cfg.as_dict())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=1, default=str))
+    logger.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
