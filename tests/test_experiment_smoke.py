@@ -58,6 +58,8 @@ def test_experiment_runs_end_to_end_and_reports_every_arm(tmp_path):
         assert math.isfinite(arm["fid_pose_features"])
         assert ("vs_text_only" in arm) == (key not in ("real", "text"))
     assert set(results["body_branch_response"]) == {"oracle", "bolid", "shuffled", "no_id", "target_in_context"}
+    assert set(results["body_effect_vs_caption_effect"]) == set(results["body_branch_response"])
+    assert all(v["median"]["estimate"] > 0 for v in results["body_effect_vs_caption_effect"].values())
     # the stored identity (saved, reloaded) reproduces the multi-view images exactly
     assert results["stored_vs_multiview_max_pixel_diff"] == 0
     assert results["criteria"]["stored_equals_multi_view_max_pixel_diff"]["met"]

@@ -407,14 +407,17 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- does the body branch read its input?
     t0 = time.time()
-    response = {}
+    response, strength = {}, {}
     targets_u8 = np.stack(target_images)
     for key, adapter in adapters.items():
         table = tables["oracle" if key == "oracle" else "multi"]
         own = torch.stack([table[names[p]] for p in person])
         swapped = torch.stack([table[names[(p + 1) % n_people]] for p in person])
-        ratio = body_branch_response(unet, text, adapter, targets_u8, captions, own, swapped, cfg.seed)
-        response[key] = stats.summarise(ratio, person, n_boot=cfg.stats.n_boot, ci=cfg.stats.ci, seed=cfg.seed)
+        ratios = body_branch_response(unet, text, adapter, targets_u8, captions, own, swapped, cfg.seed)
+        response[key] = stats.summarise(ratios["swap_vs_remove"], person, n_boot=cfg.stats.n_boot, ci=cfg.stats.ci,
+                                        seed=cfg.seed)
+        strength[key] = stats.summarise(ratios["body_vs_caption"], person, n_boot=cfg.stats.n_boot, ci=cfg.stats.ci,
+                                        seed=cfg.seed)
     lap("body_branch_response", t0)
 
     # ---------------------------------------------------------------- measurements and statistics
@@ -442,6 +445,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "arms": arm_results, "stage1": s1, "body_branch_response": response,
+        "body_effect_vs_caption_effect": strength,
         "stored_vs_multiview_max_pixel_diff": stored_diff,
         "chance_identification": 1.0 / n_people, "heldout_people": n_people, "images_per_arm": len(person),
         "sampled_body_norm_mean": float(drawn.norm(dim=1).mean()),

@@ -274,10 +274,16 @@ def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], s
 @torch.no_grad()
 def body_branch_response(unet: torch.nn.Module, text: CaptionEncoder, adapter: Any, images: np.ndarray,
                          captions: list[str], own: torch.Tensor, swapped: torch.Tensor, seed: int,
-                         timestep: int = 500) -> np.ndarray:
-    """Does the body branch read its input at all? Per image, at one fixed x_t (same noise for all three):
-    ||f(own) - f(swapped)|| / ||f(own) - f(no body)||. 0: the branch adds the same thing whatever the body
-    (it ignores c_body); ~1 or more: swapping the person changes the output as much as removing the body."""
+                         timestep: int = 500) -> dict[str, np.ndarray]:
+    """Does the body branch read its input at all, and how strongly does it act? Per image, at one fixed x_t (same
+    noise everywhere), with f the model output:
+
+    * ``swap_vs_remove`` = ||f(own) - f(swapped)|| / ||f(own) - f(no body)||. 0: the branch adds the same thing
+      whatever the body (it ignores c_body); ~1 or more: swapping the person changes the output as much as
+      removing the body.
+    * ``body_vs_caption`` = ||f(own) - f(no body)|| / ||f(caption, no body) - f(no caption, no body)||: the body
+      branch's whole effect against the caption's. Near 0: the branch is too weak to draw anything.
+    """
     sched = make_train_scheduler()
     x0 = to_model_range(images)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -292,6 +298,16 @@ def body_branch_response(unet: torch.nn.Module, text: CaptionEncoder, adapter: A
             outs[label] = unet(xt, t, ctx).sample
         finally:
             controller.detach()
-    num = (outs["own"] - outs["swapped"]).flatten(1).norm(dim=1)
-    den = (outs["own"] - outs["none"]).flatten(1).norm(dim=1).clamp_min(1e-12)
-    return (num / den).numpy()
+    controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
+    try:
+        controller.set_identity(None, torch.zeros_like(own).float())
+        no_caption = unet(xt, t, text([""] * len(captions))).sample
+    finally:
+        controller.detach()
+
+    def norm(d: torch.Tensor) -> torch.Tensor:
+        return d.flatten(1).norm(dim=1)
+
+    remove = norm(outs["own"] - outs["none"])
+    return {"swap_vs_remove": (norm(outs["own"] - outs["swapped"]) / remove.clamp_min(1e-12)).numpy(),
+            "body_vs_caption": (remove / norm(outs["none"] - no_caption).clamp_min(1e-12)).numpy()}
