@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--heldout", type=int, default=0, help="0 = the config's held-out people")
+    parser.add_argument("--train-identities", type=int, default=0, help="0 = the config's (a smaller world for a "
+                        "quick check of the script)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -173,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "sampling": {"steps": args.sample_steps, "guidance": args.guidance}}
     if args.stage2_steps:
         overrides["stage2"] = {"max_steps": args.stage2_steps}
-    if args.heldout:
-        overrides["world"] = {"heldout_identities": args.heldout}
+    world_opts = {k: v for k, v in (("heldout_identities", args.heldout),
+                                    ("train_identities", args.train_identities)) if v}
+    if world_opts:
+        overrides["world"] = world_opts
     cfg = ExperimentConfig.load(args.config, overrides)
     lightning = LightningConfig(x0_source="lightning", steps=args.k, every=args.every, max_rows=args.rows,
                                 guidance=args.branch_guidance, grad_steps="last")

@@ -5,6 +5,7 @@ resumed run equals an uninterrupted one, and the config is typed, logged and exp
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import stage2_tiny as T
@@ -219,3 +220,17 @@ def test_lightning_table_is_typed_and_unknown_keys_are_rejected(tmp_path):
                 {"diff_timesteps": "lightning"}):
         with pytest.raises(LightningConfigError):
             LightningConfig(**bad)
+
+
+@pytest.mark.parametrize("name", ["stage2_sdxl_lightning_example.toml", "stage2_sdxl_example.toml"])
+def test_example_configs_parse(name):
+    from training import train
+    from training.stage2 import Stage2Config
+
+    path = Path(__file__).resolve().parents[1] / "training" / "configs" / name
+    cfg = Stage2Config.from_dict(train.load_config(path), path.parent)
+    if "lightning" in name:
+        assert cfg.lightning.branch and cfg.lightning.diff_timesteps == "schedule" and cfg.lightning.steps == 4
+        assert cfg.model.unet_weights.endswith("sdxl_lightning_4step_unet.safetensors")
+    else:
+        assert cfg.lightning == LightningConfig()
