@@ -16,7 +16,8 @@ range over rounds, as ``benchmarks/interleave.py`` does): aux losses off, L_id +
 row), and on the Lightning branch's K-step image (every row, no CFG as SDXL-Lightning samples) with the gradient
 through the last step or through all steps (each UNet call recomputed in the backward pass). Memory per call: on
 CUDA the exact ``max_memory_allocated`` of the call; on the CPU the peak RSS above the RSS at the call's start,
-sampled every 2 ms by a thread (an estimate: the allocator may keep freed memory).
+sampled every 5 ms by a thread (an estimate: the allocator may keep freed memory). A memory ratio is only given
+when the one-step call's own peak is at least 50 MB (below that it is allocator noise).
 
     python benchmarks/train_step.py --lightning [--sizes sd15] [--k 4] [--rounds 3] [--latent 8] [--batch 2]
 """
@@ -118,7 +119,7 @@ def run_config(size: str, aux: bool, steps: int, latent: int, batch: int, device
 
 
 class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 2 ms (Linux /proc/self/statm)."""
+    """Peak resident memory above the level at entry, sampled every 5 ms (Linux /proc/self/statm)."""
 
     def __enter__(self) -> PeakRSS:
         import threading
@@ -135,7 +136,7 @@ class PeakRSS:
             return int(f.read().split()[1]) * self.page
 
     def _poll(self) -> None:
-        while not self._stop.wait(0.002):
+        while not self._stop.wait(0.005):
             self.peak = max(self.peak, self._rss())
 
     def __exit__(self, *exc: object) -> None:
@@ -227,13 +228,15 @@ def run_lightning(size: str, k: int, rounds: int, latent: int, batch: int, devic
     table = []
     for name in variants:
         ratio_t = [v / b for v, b in zip(times[name], times[base], strict=True)]
-        ratio_m = [v / max(b, 1e-9) for v, b in zip(mems[name], mems[base], strict=True)]
+        base_mb = statistics.median(mems[base])
+        ratio_m = [v / b for v, b in zip(mems[name], mems[base], strict=True)] if base_mb >= 50 else None
         table.append({"variant": name, "step_s": statistics.median(times[name]),
                       "time_ratio": statistics.median(ratio_t), "time_ratio_range": [min(ratio_t), max(ratio_t)],
-                      "peak_mb": statistics.median(mems[name]), "mem_ratio": statistics.median(ratio_m),
+                      "peak_mb": statistics.median(mems[name]),
+                      "mem_ratio": statistics.median(ratio_m) if ratio_m else None,
                       "aux_rows": rows[name], "step_s_all": times[name], "peak_mb_all": mems[name]})
     return {"size": size, "device": device, "k": k, "rounds": rounds, "latent": latent, "batch": batch,
-            "memory": "cuda max_memory_allocated per call" if cuda else "peak RSS above the call's start (2 ms)",
+            "memory": "cuda max_memory_allocated per call" if cuda else "peak RSS above the call's start (5 ms)",
             "rows": table}
 
 
@@ -249,8 +252,9 @@ def main_lightning(args: argparse.Namespace) -> int:
     for res in results:
         for r in res["rows"]:
             lo, hi = r["time_ratio_range"]
+            mem = "-" if r["mem_ratio"] is None else f"{r['mem_ratio']:.2f}"
             print(f"{res['size']:6} {r['variant']:34} {r['step_s']:8.2f} {r['time_ratio']:8.2f} ({lo:.2f}..{hi:.2f})"
-                  f"{'':5} {r['peak_mb']:9.0f} {r['mem_ratio']:9.2f}")
+                  f"{'':5} {r['peak_mb']:9.0f} {mem:>9}")
     return 0
 
 
