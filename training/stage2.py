@@ -23,6 +23,7 @@ from bolid.errors import BoLIDError
 from bolid.faceid import copy_faceid_face_branch, faceid_config, read_ip_adapter_file
 from bolid.safetensors_io import read_safetensors_metadata
 from training.common import check_distributed_launch, config_table
+from training.lightning_branch import LightningConfig
 from training.models import BaseModelError, OpenClipFunctions, YoloPoseNet, load_base_model, make_encode_text
 from training.stage2_core import (
     LossConfig,
@@ -98,12 +99,13 @@ class Stage2Config:
     sampling: SamplingConfig
     loss: LossConfig
     training: Stage2TrainingConfig
+    lightning: LightningConfig = LightningConfig()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: str | Path = ".") -> Stage2Config:
         base = Path(base_dir)
         allowed = {"stage", "output_dir", "seed", "model", "adapter", "dataset", "cache", "sampling", "loss",
-                   "training"}
+                   "training", "lightning"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise Stage2ConfigError(f"stage-2 config has unknown top-level keys {unknown}; known: {sorted(allowed)}")
@@ -134,7 +136,8 @@ class Stage2Config:
                    adapter=_table(AdapterSettings, adapter, "adapter"), dataset=dataset, cache_dir=cache_dir,
                    buckets=_table(BucketConfig, cache, "cache"), sampling=_table(SamplingConfig, sampling, "sampling"),
                    loss=_table(LossConfig, dict(raw.get("loss", {})), "loss"),
-                   training=_table(Stage2TrainingConfig, dict(raw.get("training", {})), "training"))
+                   training=_table(Stage2TrainingConfig, dict(raw.get("training", {})), "training"),
+                   lightning=_table(LightningConfig, dict(raw.get("lightning", {})), "lightning"))
 
 
 def _face_embedder(paths: ModelPaths):
@@ -230,6 +233,7 @@ def run(raw_config: dict[str, Any], config_dir: Path, resume: str | None = None,
         return {"prepared": str(config.cache_dir), **data.describe()}
     result = train_stage2_loop(components, adapter, data, tc, config.loss, output_dir=out, resume=resume,
                                seed=config.seed, accelerator=accelerator, freeze=config.adapter.frozen_branches,
+                               lightning=config.lightning,
                                metadata={"model": {k: getattr(config.model, k) for k in ("pretrained",
                                                                                          "unet_weights")},
                                          # Apply BoLID Adapter refuses Body IDs of any other encoder

@@ -67,6 +67,7 @@ from training.common import (  # noqa: F401 (CHECKPOINT_PREFIX, STATE_FILE, list
     resumed_step,
     save_checkpoint,
 )
+from training.lightning_branch import LightningConfig, lightning_x0, train_timesteps
 
 logger = logging.getLogger("bolid")
 
@@ -397,11 +398,14 @@ class Stage2Model(nn.Module):
     trains; wrapping this module with DDP synchronises the adapter's gradients.
     """
 
-    def __init__(self, adapter: BoLIDAdapter, components: Stage2Components, losses: LossConfig | None = None) -> None:
+    def __init__(self, adapter: BoLIDAdapter, components: Stage2Components, losses: LossConfig | None = None,
+                 lightning: LightningConfig | None = None) -> None:
         super().__init__()
         self.adapter = adapter
         object.__setattr__(self, "components", components)
         object.__setattr__(self, "loss_config", losses or LossConfig())
+        object.__setattr__(self, "lightning", lightning or LightningConfig())
+        object.__setattr__(self, "uncond_text", None)
         object.__setattr__(self, "controller", BoLIDDiffusers.attach(components.unet, adapter,
                                                                      self.loss_config.weight_face,
                                                                      self.loss_config.weight_body))
@@ -414,6 +418,10 @@ class Stage2Model(nn.Module):
 
     def detach_unet(self) -> None:
         self.controller.detach()
+
+    def set_uncond_text(self, text: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """The empty caption's (embeds, pooled): the unconditional pass of the Lightning branch's guidance."""
+        object.__setattr__(self, "uncond_text", text)
 
     def images_from_x0(self, x0: torch.Tensor) -> torch.Tensor:
         """Decoded image in ~[0, 1] (not clamped, so gradients flow everywhere), differentiable in x0."""
@@ -464,8 +472,13 @@ class Stage2Model(nn.Module):
         return unet(noisy.to(dtype), timesteps, encoder_hidden_states=batch["text_embeds"].to(device, dtype),
                     added_cond_kwargs=added).sample
 
-    def forward(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, Any], noise: torch.Tensor, timesteps: torch.Tensor,
+                branch_noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """With the Lightning branch (``lightning.x0_source == "lightning"``), L_id / L_CLIP are computed on the image
+        generated from ``branch_noise`` (any timestep; none at all when ``branch_noise`` is None), otherwise on the
+        one-step x0 of the rows below the timestep thresholds."""
         comp, lc = self.components, self.loss_config
+        branch = self.lightning.branch
         kind = comp.prediction_type
         samples = batch["sample"].to(noise.device, torch.float32)
         noisy = comp.noise_scheduler.add_noise(samples, noise, timesteps)
@@ -478,13 +491,21 @@ class Stage2Model(nn.Module):
         loss = l_diff
         id_rows = clip_rows = torch.zeros(len(timesteps), dtype=torch.bool, device=device)
         if lc.id_weight > 0:
-            id_rows = (timesteps < lc.id_max_timestep) & batch["body_present"].to(device)
+            id_rows = batch["body_present"].to(device) & (branch or timesteps < lc.id_max_timestep)
         if lc.clip_weight > 0:
-            clip_rows = (timesteps < lc.clip_max_timestep) & batch["text_present"].to(device)
+            clip_rows = batch["text_present"].to(device) & (branch or timesteps < lc.clip_max_timestep)
+        if branch:
+            keep = (id_rows | clip_rows) & (branch_noise is not None)
+            if self.lightning.max_rows:
+                keep &= keep.cumsum(0) <= self.lightning.max_rows
+            id_rows, clip_rows = id_rows & keep, clip_rows & keep
         need = id_rows | clip_rows
         if bool(need.any()):
             rows = torch.nonzero(need).flatten()
-            x0 = predicted_x0(comp.noise_scheduler, noisy[rows], pred[rows], timesteps[rows], kind)
+            if branch:
+                x0 = lightning_x0(self, batch, rows, branch_noise[rows].to(device), self.lightning, self.uncond_text)
+            else:
+                x0 = predicted_x0(comp.noise_scheduler, noisy[rows], pred[rows], timesteps[rows], kind)
             images = self.images_from_x0(x0)
             if bool(id_rows.any()):
                 sel = torch.nonzero(id_rows[rows]).flatten()
@@ -582,16 +603,20 @@ class AdapterEMA:
 
 
 def training_metadata(components: Stage2Components, data: Stage2Data, tc: Stage2TrainingConfig, lc: LossConfig,
-                      step: int, extra: dict[str, Any] | None = None) -> dict[str, str]:
+                      step: int, extra: dict[str, Any] | None = None, lightning: LightningConfig | None = None
+                      ) -> dict[str, str]:
     """What goes into the exported file besides the adapter's config."""
+    lightning = lightning or LightningConfig()
     info = {"stage": 2, "base_model": components.base_model, "step": step, "loss": asdict(lc),
+            "lightning": asdict(lightning),
             "training": asdict(tc), "sampling": asdict(data.sampling), "dataset": data.describe(),
             "prediction_type": components.prediction_type, **(extra or {})}
     out = {BODY_ENCODER_HASH_KEY: str(extra["body_encoder_hash"])} if extra and extra.get("body_encoder_hash") else {}
     return {**out, "bolid_training": json.dumps(info, sort_keys=True, default=str),
             "bolid_base_model": components.base_model,
             "bolid_training_steps": str(step), "bolid_loss_weights": json.dumps(
-                {"diff": 1.0, "id": lc.id_weight, "clip": lc.clip_weight, "id_mode": lc.id_mode}),
+                {"diff": 1.0, "id": lc.id_weight, "clip": lc.clip_weight, "id_mode": lc.id_mode,
+                 "x0_source": lightning.x0_source}),
             "bolid_dataset_size": json.dumps({"identities": len(data.identities), "views": data.num_views})}
 
 
@@ -647,8 +672,13 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
                       tc: Stage2TrainingConfig, lc: LossConfig | None = None, output_dir: Path | None = None,
                       resume: str | None = None, seed: int = 0, metadata: dict[str, Any] | None = None,
                       on_step: Callable[[int, dict[str, float]], None] | None = None,
-                      accelerator: Any = None, freeze: Sequence[str] = ()) -> dict[str, Any]:
+                      accelerator: Any = None, freeze: Sequence[str] = (), lightning: LightningConfig | None = None
+                      ) -> dict[str, Any]:
     """Train ``adapter`` in place; returns {"step", "losses" (list of per-step dicts), "export" (paths or [])}.
+
+    ``lightning`` (:mod:`training.lightning_branch`): the x0 of L_id / L_CLIP (one-step or a K-step generation) and
+    L_diff's timesteps; its noise is seeded like the training noise, so resume and several processes still follow
+    the uninterrupted one-process run.
 
     With ``output_dir``: accelerate checkpoints every ``checkpointing_steps`` (``resume="latest"`` continues from
     the newest), tensorboard logs, validation grids, and the export at the end. Without it: nothing is written
@@ -661,6 +691,7 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
     from tqdm.auto import tqdm
 
     lc = lc or LossConfig()
+    lightning = lightning or LightningConfig()
     out = Path(output_dir) if output_dir is not None else None
     report = tc.report_to if out is not None else "none"
     if accelerator is None:
@@ -678,7 +709,8 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
     adapter.to(device=device, dtype=torch.float32).train()
     adapter.requires_grad_(True)
     freeze_unused_branches(adapter, lc, freeze)
-    model = Stage2Model(adapter, components, lc)
+    model = Stage2Model(adapter, components, lc, lightning)
+    model.set_uncond_text(data.text_cache[""])
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = AdapterEMA(adapter, tc.ema_decay) if tc.ema_decay > 0 else None
@@ -693,18 +725,20 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
         logger.info("BoLID stage 2: resumed from %s at step %d", ckpt, step)
     if report != "none":
         hparams = {**{f"training/{k}": v for k, v in asdict(tc).items()},
-                   **{f"loss/{k}": v for k, v in asdict(lc).items()}, "seed": seed,
+                   **{f"loss/{k}": v for k, v in asdict(lc).items()},
+                   **{f"lightning/{k}": v for k, v in asdict(lightning).items()}, "seed": seed,
                    "identities": len(data.identities), "views": data.num_views}
         accelerator.init_trackers("bolid_stage2", config=hparams)
     logger.info("BoLID stage 2: %s, %d processes, batch %d x %d accumulation", data.describe(),
                 accelerator.num_processes, tc.batch_size, tc.gradient_accumulation_steps)
+    logger.info("BoLID stage 2: %s", lightning.summary())
 
     def export_now(path: Path, at_step: int) -> list[Path]:
         target = accelerator.unwrap_model(model).adapter
         if ema is not None:
             target = _copy_adapter(target)
             ema.copy_to(target)
-        return export_adapter(target, path, training_metadata(components, data, tc, lc, at_step, metadata),
+        return export_adapter(target, path, training_metadata(components, data, tc, lc, at_step, metadata, lightning),
                               tc.export_ip_adapter)
 
     nproc, rank = accelerator.num_processes, accelerator.process_index
@@ -728,12 +762,16 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
             gen = noise_generator(seed, step, micro * nproc + rank, 0, torch.device("cpu"), offset=17)
             shape = batch["sample"].shape
             noise = torch.randn(shape, generator=gen).to(device)
-            timesteps = torch.randint(0, num_t, (shape[0],), generator=gen).to(device)
+            timesteps = train_timesteps(lightning, num_t, shape[0], gen).to(device)
+            branch_noise = None
+            if lightning.runs_at(step):  # its own generator: the training noise stays what it was without it
+                bgen = noise_generator(seed, step, micro * nproc + rank, 0, torch.device("cpu"), offset=29)
+                branch_noise = torch.randn(shape, generator=bgen).to(device)
             # gradients are summed locally over the micro-batches and all-reduced on the last one only
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    losses = model(batch, noise, timesteps)
+                    losses = model(batch, noise, timesteps, branch_noise)
                 accelerator.backward(losses["loss"] / accum)
             window.append({k: v.detach().float() for k, v in losses.items()})
         if tc.max_grad_norm > 0:

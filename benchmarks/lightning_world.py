@@ -1,0 +1,275 @@
+"""The Lightning branch in the CPU world: does L_id on a K-step image beat L_id on the one-step x0?
+
+    OMP_NUM_THREADS=1 python benchmarks/lightning_world.py [--config training/configs/experiment.toml]
+        [--out outputs/lightning_world] [--body bolid|oracle] [--stage2-steps N] [--k 4] [--every 2] [--rows 8]
+
+Three adapters with the same budget (the experiment's stage-2 recipe, seed, batches and noise; only the source
+of L_id's image differs): **one-step** (L_id on the x0 predicted at t < id_max_timestep, the default),
+**lightning** (L_id on an image generated from pure noise in K Euler/trailing steps with the adapter active,
+gradient through the last step) and **no L_id** (id_weight 0). The world's base model is a v-prediction pixel
+UNet; its few-step sampler is the SDXL-Lightning one (Euler, trailing spacing) at K steps. Every adapter then
+generates every (held-out person, target caption) with the same noise, with the world's sampler (DDIM, 10 steps,
+guidance 1.5) and with the K-step sampler, and the experiment's readout and statistics measure body error,
+own - others and caption attributes (person-clustered bootstrap CIs, permutation p-values, paired differences
+against the one-step adapter and against text only). Writes ``results.json`` and ``run.log`` to ``--out``.
+
+It reuses the experiment's public functions (:mod:`training.experiment`); only the adapter training is a thin
+wrapper here, because ``stages.train_adapter`` has no Lightning option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bolid.safetensors_io import atomic_write_text  # noqa: E402
+from bolid.synthetic import ORACLE_DIM  # noqa: E402
+from training.experiment import stats  # noqa: E402
+from training.experiment.config import ExperimentConfig  # noqa: E402
+from training.experiment.run import analyse_arm, measure, references_of  # noqa: E402
+from training.experiment.stages import (  # noqa: E402
+    body_of,
+    generate,
+    initial_noise,
+    load_world_models,
+    render_world,
+    run_stage1,
+    stage2_identities,
+)
+from training.experiment.world_models import make_train_scheduler, to_uint8  # noqa: E402
+from training.lightning_branch import LightningConfig, trailing_timesteps  # noqa: E402
+
+logger = logging.getLogger("bolid.lightning_world")
+
+
+def train_arm(cfg: ExperimentConfig, identities: list[Any], body_dim: int, unet: torch.nn.Module, text: Any,
+              pose: Any, id_weight: float, lightning: LightningConfig) -> tuple[Any, list[dict]]:
+    """``stages.train_adapter``'s recipe (same components, sampling, init seed, optimiser settings) plus the
+    Lightning option of stage 2."""
+    from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
+    from training.stage2_core import (
+        LossConfig,
+        SamplingConfig,
+        Stage2Components,
+        Stage2Data,
+        Stage2TrainingConfig,
+        train_stage2_loop,
+    )
+
+    s2 = cfg.stage2
+    components = Stage2Components(unet=unet, noise_scheduler=make_train_scheduler(), vae=None,
+                                  encode_text=lambda caps: (text(list(caps)), None), pose_net=pose.pose_net,
+                                  base_model="synthetic-world-base")
+    sampling = SamplingConfig(max_context_views=s2.max_context_views, seed=cfg.seed, drop_text=s2.drop_text,
+                              drop_face=0.0, drop_body=s2.drop_body, drop_all=s2.drop_all)
+    data = Stage2Data(identities, sampling, components=components)
+    torch.manual_seed(cfg.seed)
+    adapter = init_adapter_from_unet(unet, adapter_config_for_unet(unet, body_dim=body_dim,
+                                                                   body_tokens=s2.body_tokens, face_tokens=1))
+    tc = Stage2TrainingConfig(max_steps=s2.max_steps, batch_size=s2.batch_size, learning_rate=s2.learning_rate,
+                              warmup_steps=s2.warmup_steps, lr_schedule="cosine", report_to="none",
+                              export_ip_adapter=False)
+    lc = LossConfig(id_weight=id_weight, id_max_timestep=s2.id_max_timestep, weight_face=0.0, weight_body=1.0)
+    result = train_stage2_loop(components, adapter, data, tc, lc, output_dir=None, seed=cfg.seed,
+                               lightning=lightning)
+    return result["adapter"].eval().requires_grad_(False), result["losses"]
+
+
+@torch.no_grad()
+def generate_few_step(unet: torch.nn.Module, text: Any, captions: list[str], seeds: list[int], adapter: Any,
+                      bodies: torch.Tensor | None, steps: int, guidance: float) -> np.ndarray:
+    """The SDXL-Lightning sampler (diffusers' Euler, trailing spacing) at ``steps`` steps on the world's base,
+    with the same noise and unconditional branch as ``stages.generate``."""
+    from diffusers import EulerDiscreteScheduler
+
+    from bolid.diffusers_integration import BoLIDDiffusers
+
+    sched = EulerDiscreteScheduler.from_config(make_train_scheduler().config, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    n = len(captions)
+    ctx = torch.cat([text([""]).expand(n, -1, -1), text(captions)])
+    x = initial_noise(seeds) * sched.init_noise_sigma
+    controller = None
+    if adapter is not None:
+        controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
+        controller.set_identity(None, torch.cat([torch.zeros_like(bodies), bodies]).float())
+    try:
+        for t in sched.timesteps:
+            pred = unet(sched.scale_model_input(torch.cat([x, x]), t), t, ctx).sample
+            pred = pred[:n] + guidance * (pred[n:] - pred[:n])
+            x = sched.step(pred, t, x).prev_sample
+    finally:
+        if controller is not None:
+            controller.detach()
+    return to_uint8(x.clamp(-1, 1))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _num(d: Any, *keys: str) -> float | None:
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return float(d)
+
+
+def headline(res: dict[str, Any]) -> dict[str, Any]:
+    """The figures the README quotes, per arm."""
+    return {
+        "body_error_median": res["summary"]["body_error"].get("median"),
+        "body_error_mean": _num(res, "summary", "body_error", "mean", "estimate"),
+        "body_own_minus_others": _num(res, "body_own_minus_others", "mean", "estimate"),
+        "body_own_minus_others_p": _num(res, "body_own_minus_others", "p_value"),
+        "appearance_identification_top1": _num(res, "appearance_identification", "top1"),
+        "appearance_identification_p": _num(res, "appearance_identification", "p_value"),
+        "caption_attributes_mean": _num(res, "summary", "caption_attributes", "mean", "estimate"),
+        "failed_render_mean": _num(res, "summary", "failed_render", "mean", "estimate"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "training/configs/experiment.toml"))
+    parser.add_argument("--out", default=str(REPO / "outputs/lightning_world"))
+    parser.add_argument("--body", choices=("bolid", "oracle"), default="bolid",
+                        help="condition: the stage-1 c_body (bolid) or the true identity vector (oracle, no stage 1)")
+    parser.add_argument("--stage2-steps", type=int, default=0, help="0 = the config's [stage2] max_steps")
+    parser.add_argument("--k", type=int, default=4, help="steps of the Lightning branch and of the few-step sampler")
+    parser.add_argument("--every", type=int, default=2, help="the branch runs every N optimizer steps")
+    parser.add_argument("--rows", type=int, default=8, help="rows of a batch that go through the branch (0 = all)")
+    parser.add_argument("--branch-guidance", type=float, default=1.5)
+    parser.add_argument("--sample-steps", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=1.5)
+    parser.add_argument("--heldout", type=int, default=0, help="0 = the config's held-out people")
+    parser.add_argument("--train-identities", type=int, default=0, help="0 = the config's (a smaller world for a "
+                        "quick check of the script)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "run.log", mode="w")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        handlers=[logging.StreamHandler(), handler])
+    torch.set_num_threads(args.threads)
+    overrides: dict[str, Any] = {"output_dir": str(out / "experiment"),
+                                 "sampling": {"steps": args.sample_steps, "guidance": args.guidance}}
+    if args.stage2_steps:
+        overrides["stage2"] = {"max_steps": args.stage2_steps}
+    world_opts = {k: v for k, v in (("heldout_identities", args.heldout),
+                                    ("train_identities", args.train_identities)) if v}
+    if world_opts:
+        overrides["world"] = world_opts
+    cfg = ExperimentConfig.load(args.config, overrides)
+    lightning = LightningConfig(x0_source="lightning", steps=args.k, every=args.every, max_rows=args.rows,
+                                guidance=args.branch_guidance, grad_steps="last")
+    logger.info("config %s; %s", cfg.as_dict(), lightning.summary())
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    torch.manual_seed(cfg.seed)
+    unet, text, pose = load_world_models(cfg.assets)
+    world = render_world(cfg)
+    names = sorted(world.heldout)
+    encoder = None
+    if args.body == "bolid":
+        t0 = time.time()
+        encoder, _ = run_stage1(cfg, world, pose)
+        timings["stage1"] = round(time.time() - t0, 1)
+    identities = stage2_identities(world, pose, encoder, cfg.seed, args.body)
+    dim = ORACLE_DIM if args.body == "oracle" else encoder.latent_dim
+    plan = {"one_step": (cfg.stage2.id_weight, LightningConfig()),
+            "lightning": (cfg.stage2.id_weight, lightning),
+            "no_id": (0.0, LightningConfig())}
+    adapters, train_losses = {}, {}
+    for key, (id_weight, lcfg) in plan.items():
+        t0 = time.time()
+        adapters[key], losses = train_arm(cfg, identities, dim, unet, text, pose, id_weight, lcfg)
+        timings[f"stage2_{key}"] = round(time.time() - t0, 1)
+        rows = [h for h in losses if h["id_rows"] > 0]
+        train_losses[key] = {"final_loss_mean_last20": float(np.mean([h["loss"] for h in losses[-20:]])),
+                             "diff_mean_last20": float(np.mean([h["diff"] for h in losses[-20:]])),
+                             "id_mean_where_computed": float(np.mean([h["id"] for h in rows])) if rows else None,
+                             "steps_with_id": len(rows)}
+        logger.info("stage 2 %s: %.1f s, %s", key, timings[f"stage2_{key}"], train_losses[key])
+
+    t0 = time.time()
+    person, captions, seeds, truth = [], [], [], []
+    for k, name in enumerate(names):
+        for j, tgt in enumerate(world.heldout[name].targets):
+            person.append(k)
+            captions.append(tgt.caption)
+            seeds.append(cfg.seed * 100_003 + k * 1000 + j * 10)
+            truth.append(tgt.attributes)
+    person_a = np.array(person)
+    if args.body == "oracle":
+        table = {n: torch.from_numpy(world.heldout[n].identity.oracle_vector()) for n in names}
+    else:
+        table = {n: body_of(encoder, world.heldout[n].references, pose) for n in names}
+    bodies = torch.stack([table[names[p]] for p in person]).float()
+    samplers = {"ddim": lambda a, b: generate(unet, text, captions, seeds, a, b, args.sample_steps, args.guidance),
+                "few_step": lambda a, b: generate_few_step(unet, text, captions, seeds, a, b, args.k, args.guidance)}
+    generated: dict[str, dict[str, np.ndarray]] = {}
+    for sname, fn in samplers.items():
+        generated[sname] = {"text": fn(None, None)}
+        for key, adapter in adapters.items():
+            generated[sname][key] = fn(adapter, bodies)
+    timings["generation"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    refs = references_of(world, pose, cfg.seed)
+    real_features = pose.read(np.stack([p.image for ps in world.train.values() for p in ps])).features
+    kw = {"n_boot": cfg.stats.n_boot, "ci": cfg.stats.ci, "seed": cfg.seed}
+    results: dict[str, Any] = {"samplers": {}}
+    for sname, arms in generated.items():
+        measured, reads = {}, {}
+        for key, images in arms.items():
+            reads[key] = pose.read(images)
+            measured[key] = measure(reads[key], person_a, refs, truth)
+        per_arm = {}
+        for key in arms:
+            base = measured["text"] if key != "text" else None
+            res = analyse_arm(measured[key], person_a, reads[key].features, real_features, base, cfg)
+            if key in ("lightning", "no_id"):
+                res["vs_one_step"] = {m: stats.paired_difference(measured[key][m], measured["one_step"][m],
+                                                                 person_a, **kw)
+                                      for m in ("body_error", "caption_attributes")}
+            per_arm[key] = {"headline": headline(res), **res}
+        results["samplers"][sname] = per_arm
+    timings["metrics"] = round(time.time() - t0, 1)
+    timings["total"] = round(time.time() - t_start, 1)
+    results.update({
+        "setup": {"body": args.body, "k": args.k, "lightning": asdict(lightning), "sample_steps": args.sample_steps,
+                  "guidance": args.guidance, "few_step_sampler": {"kind": "EulerDiscreteScheduler, trailing",
+                                                                  "timesteps": trailing_timesteps(1000, args.k)},
+                  "heldout_people": len(names), "images_per_arm": len(person), "torch_threads": torch.get_num_threads(),
+                  "experiment_config": cfg.as_dict()},
+        "stage2": train_losses, "timings_s": timings})
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default))
+    for sname in results["samplers"]:
+        for key, res in results["samplers"][sname].items():
+            logger.info("%s %s: %s", sname, key, json.dumps(res["headline"], default=_json_default))
+    logger.info("done in %.1f s: %s", timings["total"], out / "results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
