@@ -8,6 +8,7 @@ the running interpreter's torch version: the build the user already has; plus `r
 server imports but does not list) and BoLID's requirements.txt, checks that insightface is absent and exactly one
 onnxruntime is present, then runs the real-ComfyUI server tests (pack import, the photo workflow, the FaceID
 workflow) with that venv's Python running the server (BOLID_SERVER_PYTHON).
+On a loaded machine, BOLID_SERVER_BUILD_TIMEOUT_S (default 900) gives the server test's checkpoint build more time.
 """
 
 from __future__ import annotations
