@@ -1,6 +1,6 @@
 """Face embedding throughput: BoLID's onnxruntime face runner vs the insightface package, interleaved rounds.
 
-    python benchmarks/face.py [--face-pack DIR] [--rounds 10] [--device cpu|cuda]
+    python benchmarks/face.py [--face-pack DIR] [--rounds 10] [--device cpu|cuda] [--json OUT.json]
 
 Both run the same pack (SCRFD detector + ArcFace recogniser) on the same photos and return the largest face's
 embedding per photo at one detection size (insightface: its SCRFD.detect, then ArcFaceONNX.get on the largest
@@ -26,9 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from interleave import measure, throughput_rows  # noqa: E402
+from interleave import environment, measure, throughput_rows, write_json_report  # noqa: E402
 
 from bolid.face import FaceAnalyzer  # noqa: E402
+
+PACKAGES = ("onnxruntime", "onnxruntime-gpu", "insightface", "numpy", "opencv-python-headless")
 
 
 def insightface_largest(app, bgr_images: list[np.ndarray], det_size: int) -> list[np.ndarray | None]:
@@ -51,8 +53,9 @@ def insightface_largest(app, bgr_images: list[np.ndarray], det_size: int) -> lis
 
 
 def compare(pack: Path, images: list[np.ndarray], rounds: int, provider: str, det_size: int = 640
-            ) -> list[tuple[str, float, float, float, float]]:
-    """Rows of :func:`interleave.throughput_rows` for BoLID vs insightface on one pack."""
+            ) -> tuple[list[tuple[str, float, float, float, float]], dict[str, list[float]]]:
+    """Rows of :func:`interleave.throughput_rows` for BoLID vs insightface on one pack, and the seconds per round
+    of each runner."""
     from insightface.app import FaceAnalysis
 
     ours = FaceAnalyzer(pack, provider, det_sizes=(det_size,))
@@ -64,7 +67,7 @@ def compare(pack: Path, images: list[np.ndarray], rounds: int, provider: str, de
     bgr = [np.ascontiguousarray(im[..., ::-1]) for im in images]
     times = measure({"BoLID onnxruntime": lambda: [ours.embed_one(im) for im in images],
                      "insightface package": lambda: insightface_largest(app, bgr, det_size)}, rounds)
-    return throughput_rows(times, len(images), "insightface package")
+    return throughput_rows(times, len(images), "insightface package"), times
 
 
 def default_packs(work: Path) -> list[tuple[str, Path, list[np.ndarray]]]:
@@ -83,8 +86,10 @@ def main() -> None:
     parser.add_argument("--face-pack", default=None, help="an InsightFace pack folder (default: tiny stand-ins)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures, settings and environment here")
     args = parser.parse_args()
     provider = "CUDA" if args.device == "cuda" else "CPU"
+    env_start = environment(PACKAGES)
     work = Path(tempfile.mkdtemp(prefix="bolid-bench-face-"))
     if args.face_pack:
         sys.path.insert(0, str(REPO / "tests"))
@@ -97,9 +102,18 @@ def main() -> None:
           f"{args.rounds} interleaved rounds, detection size 640")
     print("| pack | runner | median img/s | median speed ratio vs insightface (min..max) |")
     print("|---|---|---|---|")
+    rows = []
     for label, pack, images in packs:
-        for name, ips, ratio, lo, hi in compare(pack, images, args.rounds, provider):
+        results, times = compare(pack, images, args.rounds, provider)
+        for name, ips, ratio, lo, hi in results:
             print(f"| {label} | {name} | {ips:.1f} | x{ratio:.2f} ({lo:.2f}..{hi:.2f}) |")
+            rows.append({"pack": label, "runner": name, "images": len(images), "median_img_per_s": ips,
+                         "median_speed_ratio_vs_insightface": ratio, "ratio_min": lo, "ratio_max": hi,
+                         "seconds_per_round": times[name]})
+    if args.json:
+        write_json_report(args.json, "benchmarks/face.py",
+                          {"rounds": args.rounds, "provider": provider, "detection_size": 640,
+                           "face_pack": args.face_pack or "tests' tiny stand-in packs"}, env_start, rows, PACKAGES)
 
 
 if __name__ == "__main__":

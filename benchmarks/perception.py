@@ -1,6 +1,7 @@
 """Images per second: BoLID's onnxruntime pose/face path vs ultralytics' torch predict / the insightface package.
 
     python benchmarks/perception.py [--weights yolo11n-pose.pt] [--face-pack DIR] [--rounds 7] [--device cpu|cuda]
+                                    [--json OUT.json]
 
 The two runners of a task are timed in interleaved rounds (each round runs both once, in a shuffled order; the
 speed ratio is taken within a round, its median over rounds printed, with min..max): timed one after the other,
@@ -30,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from interleave import measure, throughput_rows  # noqa: E402
+from interleave import environment, measure, throughput_rows, write_json_report  # noqa: E402
 
 from bolid.pose import PoseRunner, export_pose_onnx, ultralytics_offline_env  # noqa: E402
 
 ultralytics_offline_env()
+PACKAGES = ("torch", "ultralytics", "onnxruntime", "onnxruntime-gpu", "insightface", "numpy", "opencv-python-headless")
 
 
 def photos() -> list[np.ndarray]:
@@ -69,7 +71,12 @@ def main() -> None:
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cpu (default) or cuda: onnxruntime CUDA provider, ultralytics on GPU 0")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures, settings and environment here")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads for ultralytics (default: ultralytics' own choice, os.cpu_count() - 1, "
+                             "which it sets when predict first runs; onnxruntime uses its default, one per core)")
     args = parser.parse_args()
+    env_start = environment(PACKAGES)
     cuda = args.device == "cuda"
     provider = "CUDA" if cuda else "CPU"
     torch_device = "0" if cuda else "cpu"  # ultralytics' device syntax
@@ -89,6 +96,7 @@ def main() -> None:
     print(f"pose weights: {weights.name}")
     print("| task | BoLID onnxruntime | other runner | median speed ratio, BoLID vs other (min..max) |")
     print("|---|---|---|---|")
+    rows = []
     yolo = YOLO(str(weights))
     bgr = [np.ascontiguousarray(im[..., ::-1]) for im in images]
     for imgsz in (320, 640):
@@ -96,6 +104,10 @@ def main() -> None:
         out.mkdir()
         onnx_path = export_pose_onnx(weights, imgsz=imgsz, output=out / f"pose-{imgsz}.onnx")
         runner = PoseRunner(onnx_path, provider)
+        yolo.predict(bgr[0], imgsz=imgsz, conf=args.conf, rect=False, verbose=False, device=torch_device)
+        if args.torch_threads:  # after ultralytics' first predict, which resets torch's thread count
+            torch.set_num_threads(args.torch_threads)
+        torch_threads = torch.get_num_threads()
         times = measure({
             "ours": lambda r=runner: [r.detect(im, conf=args.conf) for im in images],
             "ultralytics": lambda s=imgsz: [yolo.predict(im, imgsz=s, conf=args.conf, rect=False, verbose=False,
@@ -104,6 +116,10 @@ def main() -> None:
         (_, ours, ratio, lo, hi), (_, theirs, *_) = throughput_rows(times, len(images), "ultralytics")
         print(f"| pose, imgsz {imgsz} | {ours:.1f} img/s | ultralytics torch {theirs:.1f} img/s | "
               f"x{ratio:.2f} ({lo:.2f}..{hi:.2f}) |")
+        rows.append({"task": f"pose, imgsz {imgsz}", "other": "ultralytics torch", "images": len(images),
+                     "bolid_img_per_s": ours, "other_img_per_s": theirs, "median_speed_ratio": ratio,
+                     "ratio_min": lo, "ratio_max": hi, "bolid_seconds_per_round": times["ours"],
+                     "other_seconds_per_round": times["ultralytics"], "ultralytics_torch_threads": torch_threads})
 
     from face import compare, default_packs
 
@@ -112,9 +128,19 @@ def main() -> None:
     else:
         packs = default_packs(work)
     for label, pack, face_images in packs:
-        (_, ours, ratio, lo, hi), (_, theirs, *_) = compare(pack, face_images, args.rounds, provider)
+        ((_, ours, ratio, lo, hi), (_, theirs, *_)), times = compare(pack, face_images, args.rounds, provider)
         print(f"| face embedding ({label}) | {ours:.1f} img/s | insightface package {theirs:.1f} img/s | "
               f"x{ratio:.2f} ({lo:.2f}..{hi:.2f}) |")
+        rows.append({"task": f"face embedding ({label})", "other": "insightface package", "images": len(face_images),
+                     "bolid_img_per_s": ours, "other_img_per_s": theirs, "median_speed_ratio": ratio,
+                     "ratio_min": lo, "ratio_max": hi, "bolid_seconds_per_round": times["BoLID onnxruntime"],
+                     "other_seconds_per_round": times["insightface package"]})
+    if args.json:
+        write_json_report(args.json, "benchmarks/perception.py",
+                          {"rounds": args.rounds, "device": args.device, "conf": args.conf,
+                           "torch_threads_requested": args.torch_threads, "pose_weights": str(args.weights or
+                                                                                         "random yolo11n-pose"),
+                           "face_pack": args.face_pack or "tests' tiny stand-in packs"}, env_start, rows, PACKAGES)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ EXAMPLE_FILE_NAMES = ("checkpoints/sdxl_lightning_4step.safetensors", "checkpoin
                       "bolid_body_ids/my_body.safetensors", "controlnet/control_v11p_sd15_openpose.safetensors")
 START_TIMEOUT_S = 240
 PROMPT_TIMEOUT_S = 420
+# building the 2 GB random checkpoint: 1-2 minutes on an idle 2-core machine; a loaded one needs more
+BUILD_TIMEOUT_S = int(os.environ.get("BOLID_SERVER_BUILD_TIMEOUT_S", "900"))
 
 
 # A second adapter pack for the server, following the stacking protocol of IPAdapter_plus/PuLID/InstantID
@@ -177,7 +179,7 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "comfy_random_sd15.py"), str(comfyui),
                     str(models / "checkpoints" / CKPT), str(models / "bolid" / ADAPTER), "--body-dim",
                     str(BODY_DIM), "--controlnet", str(models / "controlnet" / CONTROLNET)],
-                   check=True, timeout=900, cwd=REPO_ROOT)
+                   check=True, timeout=BUILD_TIMEOUT_S, cwd=REPO_ROOT)
     photos = _photos()
     _build_pose_model(tmp_path_factory.mktemp("pose"), list(photos.values()), models / "bolid_pose" / POSE)
     test_face.build_tiny_pack(models / "insightface" / "models" / FACE_PACK)
@@ -186,7 +188,7 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     encoder = BodyEncoder(BodyEncoderConfig(latent_dim=BODY_DIM, crop_size=32, decoder_size=16, width=8, hidden=64))
     save_body_encoder(encoder.eval(), models / "bolid" / ENCODER)
-    _faceid_stand_ins(models)
+    _faceid_stand_ins(models, tmp_path_factory.mktemp("faceid"))
     for name, img in photos.items():
         Image.fromarray(img).save(base / "input" / f"{name}.png")
     # a photo set of three sizes (512x512, 810x1080 portrait, 1280x720 landscape) for Load Images From Folder
@@ -202,22 +204,39 @@ FACEID_LORA = "test_faceid_lora.safetensors"
 SD15_HIDDEN = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280)  # diffusers order
 
 
-def _faceid_stand_ins(models: Path) -> None:
-    """A face-only adapter as `python -m bolid.faceid import` writes it (random FaceID weights of SD1.5's layout)
-    and a one-layer LoRA in kohya format for core LoraLoaderModelOnly."""
+def _faceid_stand_ins(models: Path, work: Path) -> None:
+    """A FaceID file with the public key layout (random values, SD1.5's layers, plus LoRA keys the importer must
+    ignore) imported by `python -m bolid.faceid import`, run by the server's Python (in tests/test_fresh_install.py
+    a venv with requirements.txt alone), as the README's five-minute guide does; and a one-layer LoRA in kohya
+    format for core LoraLoaderModelOnly."""
     import torch
     from safetensors.torch import save_file
 
-    from bolid.adapter import BoLIDAdapter
-    from bolid.adapter_io import save_adapter
-    from bolid.config import AdapterConfig
+    from bolid.adapter_io import read_adapter_config
 
-    torch.manual_seed(3)
-    adapter = BoLIDAdapter(AdapterConfig(context_dim=768, hidden_sizes=SD15_HIDDEN, body_branch=False))
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0.0, 0.02)
-    save_adapter(adapter, models / "bolid" / FACEID_ADAPTER)
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.02
+
+    tokens, ctx = 4, 768
+    ip_adapter = {}
+    for n, hidden in enumerate(SD15_HIDDEN):  # processor 2n is the self-attention, 2n + 1 the cross-attention
+        ip_adapter[f"{2 * n}.to_q_lora.down.weight"] = rnd(4, hidden)
+        ip_adapter[f"{2 * n + 1}.to_k_lora.down.weight"] = rnd(4, ctx)
+        ip_adapter[f"{2 * n + 1}.to_k_ip.weight"] = rnd(hidden, ctx)
+        ip_adapter[f"{2 * n + 1}.to_v_ip.weight"] = rnd(hidden, ctx)
+    state = {"image_proj": {"proj.0.weight": rnd(1024, 512), "proj.0.bias": rnd(1024),
+                            "proj.2.weight": rnd(ctx * tokens, 1024), "proj.2.bias": rnd(ctx * tokens),
+                            "norm.weight": 1 + rnd(ctx), "norm.bias": rnd(ctx)},
+             "ip_adapter": ip_adapter}
+    source = work / "ip-adapter-faceid_sd15.bin"
+    torch.save(state, str(source))
+    out = models / "bolid" / FACEID_ADAPTER
+    subprocess.run([os.environ.get("BOLID_SERVER_PYTHON") or sys.executable, "-m", "bolid.faceid", "import",
+                    str(source), "--out", str(out)], check=True, timeout=300, cwd=REPO_ROOT)
+    config = read_adapter_config(out)
+    assert (config.num_layers, config.context_dim, config.face_tokens) == (16, ctx, tokens), config.describe()
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     save_file({f"{key}.lora_down.weight": torch.randn(4, 768) * 0.01, f"{key}.lora_up.weight": torch.randn(320, 4) * 0.01,
                f"{key}.alpha": torch.tensor(4.0)}, str(models / "loras" / FACEID_LORA))
