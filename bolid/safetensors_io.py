@@ -23,6 +23,19 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_LISTED_KEYS = 5
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temp file the mode a plain ``open()`` would (mkstemp makes it 0600, which a ComfyUI running as
+    another user could not read), then rename it into place."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Save tensors with string metadata to ``path`` atomically (temp file + rename)."""
     path = Path(path)
@@ -32,7 +45,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -48,7 +61,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     try:
         with os.fdopen(fd, "w", encoding=encoding) as f:
             f.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

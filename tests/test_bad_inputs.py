@@ -668,3 +668,24 @@ def test_fuzz_safetensors_header_reader(tmp_path, valid_files, kind):
         refused += _load_expecting_own_error(kind, valid_files, tmp_path / f"fuzz_{kind}.safetensors",
                                              mutated) is not None
     assert refused > FUZZ_CASES // 2  # the mutations do reach the checks
+
+
+def test_atomic_writes_leave_readable_files_and_no_temp_files(tmp_path):
+    """mkstemp makes 0600 files; a saved Body ID or adapter must get the mode a plain open() gives (umask), so a
+    ComfyUI running as another user can read it, and no temp file may stay behind."""
+    import os
+    import stat
+
+    import torch
+
+    from bolid.safetensors_io import atomic_save_safetensors, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors", {"kind": "test"})
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    for name in ("a.safetensors", "b.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.json"]
