@@ -66,6 +66,7 @@ def test_experiment_runs_end_to_end_and_reports_every_arm(tmp_path):
     assert {"value", "target", "met"} <= set(results["criteria"]["body_own_minus_others"])
     s1 = results["stage1"]
     assert s1["halves_identification"]["n_candidates"] == 3 and "improvement" in s1["proportion_head"]["vs_truth"]
+    assert s1["pose_model_on_reference_photos_vs_truth"]["rms"] >= 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["timings_s"]["total"] > 0 and len(saved["per_image"]["person"]) == 6
     assert "| criterion |" in (out / "results.md").read_text()

@@ -249,8 +249,14 @@ def stage1_checks(cfg: ExperimentConfig, world: Any, encoder: Any, pose: WorldPo
                                              "population_mean_rms": rms(measured_train_mean, measured)}}
     for v in head.values():
         v["improvement"] = 1.0 - v["head_rms"] / v["population_mean_rms"]
+    # what the measuring instrument itself reaches: the pose model's proportions of the same reference photos the
+    # encoder saw, against the truth (a head trained on measured proportions can hardly do much better)
+    on_refs = np.stack([reference_proportions(pose.keypoints([p.image for p in world.heldout[n].references]))[0]
+                        for n in names])
+    bound = {"rms": rms(on_refs, truth), "population_mean_rms": rms(train_mean, truth)}
+    bound["improvement"] = 1.0 - bound["rms"] / bound["population_mean_rms"]
     return {"halves_identification": {k: v for k, v in ident.items() if k != "ranks"} | {"p_value": perm["p_value"]},
-            "photos_per_half": half, "proportion_head": head,
+            "photos_per_half": half, "proportion_head": head, "pose_model_on_reference_photos_vs_truth": bound,
             "c_body_norm_heldout_mean": float(full.norm(dim=1).mean())}
 
 
