@@ -57,6 +57,12 @@ def identity_file_path(folder: str | os.PathLike, name: str, what: str = "body I
     return path
 
 
+def refuse_overwrite(path: Path, overwrite: bool, error_cls: type[BoLIDError]) -> None:
+    """The saved-identity rule (Body IDs, Face IDs): an existing file is replaced only when the user asks."""
+    if path.exists() and not overwrite:
+        raise error_cls(f"{path} already exists: choose another name or enable overwrite")
+
+
 def body_id_path(folder: str | os.PathLike, name: str) -> Path:
     """``folder/name.safetensors`` for a Body ID name (rules: :func:`identity_file_path`)."""
     return identity_file_path(folder, name, "body ID", BodyIDFileError)
@@ -65,8 +71,7 @@ def body_id_path(folder: str | os.PathLike, name: str) -> Path:
 def save_body_id(body_id: BodyID, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``body_id`` atomically; an existing file is an error unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise BodyIDFileError(f"{path} already exists: choose another name or enable overwrite")
+    refuse_overwrite(path, overwrite, BodyIDFileError)
     tensors = {"c_body": body_id.c_body.to(torch.float32)}
     if body_id.logvar is not None:
         tensors["logvar"] = body_id.logvar.to(torch.float32)

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .body_id_io import identity_file_path
+from .body_id_io import identity_file_path, refuse_overwrite
 from .errors import BoLIDError
 from .file_kinds import FACE_ID, read_file_kind
 from .identity import FaceEmbeds
@@ -51,8 +51,7 @@ def face_id_path(folder: str | os.PathLike, name: str) -> Path:
 def save_face_id(face: FaceEmbeds, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``face`` atomically; an existing file is an error unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FaceIDFileError(f"{path} already exists: choose another name or enable overwrite")
+    refuse_overwrite(path, overwrite, FaceIDFileError)
     tensors = {"embedding": face.embedding.to(torch.float32)}
     if face.photo_weights:
         tensors["photo_weights"] = torch.tensor(face.photo_weights, dtype=torch.float64)

@@ -41,6 +41,17 @@ class MetricModelError(BoLIDError):
     """A model a metric needs (Inception, CLIP, face recognizer, pose model) is missing or unusable."""
 
 
+def finite_mean(values: np.ndarray) -> float:
+    """Mean over the images where the metric's detector saw something (NaN marks the others); NaN if none."""
+    ok = np.isfinite(values)
+    return float(values[ok].mean()) if ok.any() else float("nan")
+
+
+def finite_fraction(values: np.ndarray) -> float:
+    """Fraction of images where the metric's detector saw something (a finite value); NaN for no images."""
+    return float(np.isfinite(values).mean()) if len(values) else float("nan")
+
+
 # ----------------------------------------------------------------------------------------------- body
 
 
@@ -72,13 +83,12 @@ class BodyConsistency:
 
     @property
     def mean(self) -> float:
-        ok = np.isfinite(self.errors)
-        return float(self.errors[ok].mean()) if ok.any() else float("nan")
+        return finite_mean(self.errors)
 
     @property
     def detected(self) -> float:
         """Fraction of images with a usable body (proportion confidence above the threshold)."""
-        return float(np.isfinite(self.errors).mean()) if len(self.errors) else float("nan")
+        return finite_fraction(self.errors)
 
 
 def proportion_errors(props: torch.Tensor, conf: torch.Tensor, ref: torch.Tensor, ref_conf: torch.Tensor | None = None
@@ -117,12 +127,11 @@ class FaceSimilarity:
 
     @property
     def mean(self) -> float:
-        ok = np.isfinite(self.similarities)
-        return float(self.similarities[ok].mean()) if ok.any() else float("nan")
+        return finite_mean(self.similarities)
 
     @property
     def detected(self) -> float:
-        return float(np.isfinite(self.similarities).mean()) if len(self.similarities) else float("nan")
+        return finite_fraction(self.similarities)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
