@@ -48,7 +48,7 @@ def main() -> int:
     from safetensors import safe_open
     from test_stage1_training import FakePoseRunner, identity_params, stage1_raw
 
-    from bolid.body_encoder import load_body_encoder
+    from bolid.body_encoder_io import load_body_encoder
     from bolid.dataset import dataset_config_from_dict, load_identity_caches, prepare_dataset
     from training.stage1 import Stage1Config, train_stage1
 
@@ -69,7 +69,7 @@ def main() -> int:
     start = time.perf_counter()
     result = train_stage1(config, pose_runner=runner)
     seconds = time.perf_counter() - start
-    encoder = load_body_encoder(result["export"])
+    encoder, _ = load_body_encoder(result["export"])
 
     half = args.heldout // 2
     means: dict[str, list[torch.Tensor]] = {}

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from .adapter import BRANCHES, BoLIDAdapter, Branch, layer_key
-from .config import AdapterConfig
+from .config import FORMAT_VERSION, AdapterConfig
 from .errors import AdapterFileError, reading
-from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, read_safetensors_metadata
+from .file_kinds import ADAPTER, FileInfo, read_file_kind
+from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors
 
 # metadata key: hash of the Body-ID encoder whose c_body the adapter was trained on (Apply refuses others)
 BODY_ENCODER_HASH_KEY = "bolid_body_encoder_hash"
@@ -24,17 +25,23 @@ def save_adapter(adapter: BoLIDAdapter, path: str | os.PathLike, extra_metadata:
 
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     """The config of an adapter file, checked without reading any tensor."""
-    _check_extension(Path(path))
-    metadata = read_safetensors_metadata(path, AdapterFileError)
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[AdapterConfig, dict[str, str]]:
+    metadata, _ = read_file_kind(path, ADAPTER, (FORMAT_VERSION,), AdapterFileError)
     with reading(path, AdapterFileError, "BoLID adapter"):
-        return AdapterConfig.from_metadata(metadata, str(path))
+        return AdapterConfig.from_metadata(metadata, str(path)), metadata
 
 
 def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> BoLIDAdapter:
-    """Load and validate an adapter file: config, key set and every tensor shape."""
+                 dtype: torch.dtype | None = None) -> tuple[BoLIDAdapter, FileInfo]:
+    """Load and validate an adapter file: config, key set and every tensor shape.
+
+    Returns the adapter and the file's info; ``info.metadata[BODY_ENCODER_HASH_KEY]`` names the Body-ID encoder
+    the adapter was trained with (when recorded)."""
     path = Path(path)
-    config = read_adapter_config(path)
+    config, metadata = _read_header(path)
     tensors, _ = load_safetensors(path, AdapterFileError)
     with reading(path, AdapterFileError, "BoLID adapter"):
         with torch.device("meta"):  # the declared layout, checked before any real allocation
@@ -43,12 +50,8 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
         adapter = BoLIDAdapter(config)
         adapter.load_state_dict(tensors, strict=True)
     adapter.requires_grad_(False).eval()
-    return adapter.to(device=device, dtype=dtype)  # outside the net: running out of memory is not a bad file
-
-
-def _check_extension(path: Path) -> None:
-    if path.suffix.lower() in {".bin", ".pt", ".pth", ".ckpt"}:
-        raise AdapterFileError(f"{path}: BoLID adapters are .safetensors files only (pickle files are not loaded)")
+    info = FileInfo(path, ADAPTER, int(metadata["bolid_format_version"]), metadata)
+    return adapter.to(device=device, dtype=dtype), info  # outside the net: out of memory is not a bad file
 
 
 def ip_adapter_state_dict(adapter: BoLIDAdapter, branch: Branch) -> dict[str, torch.Tensor]:

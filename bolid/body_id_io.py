@@ -17,10 +17,10 @@ from typing import Literal
 import torch
 
 from .errors import BoLIDError, reading
+from .file_kinds import BODY_ID, read_file_kind
 from .identity import BodyID
-from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+from .safetensors_io import atomic_save_safetensors, load_safetensors
 
-BODY_ID_FILE_KIND = "bolid_body_id"
 BODY_ID_FORMAT_VERSION = 1
 BODY_ID_EXTENSION = ".safetensors"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.\-]{0,127}$")
@@ -57,6 +57,12 @@ def identity_file_path(folder: str | os.PathLike, name: str, what: str = "body I
     return path
 
 
+def refuse_overwrite(path: Path, overwrite: bool, error_cls: type[BoLIDError]) -> None:
+    """The saved-identity rule (Body IDs, Face IDs): an existing file is replaced only when the user asks."""
+    if path.exists() and not overwrite:
+        raise error_cls(f"{path} already exists: choose another name or enable overwrite")
+
+
 def body_id_path(folder: str | os.PathLike, name: str) -> Path:
     """``folder/name.safetensors`` for a Body ID name (rules: :func:`identity_file_path`)."""
     return identity_file_path(folder, name, "body ID", BodyIDFileError)
@@ -65,8 +71,7 @@ def body_id_path(folder: str | os.PathLike, name: str) -> Path:
 def save_body_id(body_id: BodyID, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``body_id`` atomically; an existing file is an error unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise BodyIDFileError(f"{path} already exists: choose another name or enable overwrite")
+    refuse_overwrite(path, overwrite, BodyIDFileError)
     tensors = {"c_body": body_id.c_body.to(torch.float32)}
     if body_id.logvar is not None:
         tensors["logvar"] = body_id.logvar.to(torch.float32)
@@ -76,7 +81,7 @@ def save_body_id(body_id: BodyID, path: str | os.PathLike, overwrite: bool = Fal
         extra = json.dumps(body_id.extra, sort_keys=True)
     except TypeError as exc:
         raise BodyIDFileError(f"body ID extra data is not JSON-serialisable ({exc})") from exc
-    metadata = {"bolid_kind": BODY_ID_FILE_KIND, "bolid_format_version": str(BODY_ID_FORMAT_VERSION),
+    metadata = {"bolid_kind": BODY_ID, "bolid_format_version": str(BODY_ID_FORMAT_VERSION),
                 "bolid_body_dim": str(body_id.dim), "bolid_encoder_hash": body_id.encoder_hash,
                 "bolid_views": json.dumps(list(body_id.views)), "bolid_extra": extra}
     atomic_save_safetensors(tensors, path, metadata)
@@ -86,14 +91,7 @@ def save_body_id(body_id: BodyID, path: str | os.PathLike, overwrite: bool = Fal
 def load_body_id(path: str | os.PathLike) -> BodyID:
     """Read a Body ID file written by :func:`save_body_id`, checking kind, version and shapes."""
     path = Path(path)
-    metadata = read_safetensors_metadata(path, BodyIDFileError)
-    kind = metadata.get("bolid_kind")
-    if kind != BODY_ID_FILE_KIND:
-        raise BodyIDFileError(f"{path}: not a BoLID body ID (metadata bolid_kind={kind!r}); save identities with "
-                              "the Save Body ID node")
-    if metadata.get("bolid_format_version") != str(BODY_ID_FORMAT_VERSION):
-        raise BodyIDFileError(f"{path}: body ID format version {metadata.get('bolid_format_version')!r} is not "
-                              f"supported (this BoLID reads {BODY_ID_FORMAT_VERSION}); update the node pack")
+    metadata, _ = read_file_kind(path, BODY_ID, (BODY_ID_FORMAT_VERSION,), BodyIDFileError)
     tensors, _ = load_safetensors(path, BodyIDFileError)
     with reading(path, BodyIDFileError, "BoLID body ID"):
         try:

@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .errors import AdapterFileError
+from .file_kinds import ADAPTER, check_file_kind
 
 FORMAT_VERSION = 1
-ADAPTER_FILE_KIND = "bolid_adapter"
 
 # (number of cross-attention layers, context dim) -> family name, for messages and checks
 KNOWN_LAYOUTS: dict[tuple[int, int], str] = {(16, 768): "SD1.5", (70, 2048): "SDXL"}
@@ -65,28 +65,12 @@ class AdapterConfig:
         return describe_layout(self.num_layers, self.context_dim) + ("" if self.body_branch else " (face branch only)")
 
     def to_metadata(self) -> dict[str, str]:
-        return {"bolid_kind": ADAPTER_FILE_KIND, "bolid_format_version": str(self.format_version),
+        return {"bolid_kind": ADAPTER, "bolid_format_version": str(self.format_version),
                 "bolid_family": self.family, "bolid_config": json.dumps(asdict(self), sort_keys=True)}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], source: str) -> AdapterConfig:
-        kind = metadata.get("bolid_kind")
-        if kind != ADAPTER_FILE_KIND:
-            hint = {"bolid_body_encoder": ": it is a Body-ID encoder, load it with 'Load Body-ID Encoder'",
-                    "bolid_body_id": ": it is a saved body identity, load it with 'Load Body ID'"}.get(kind, "")
-            raise AdapterFileError(
-                f"{source}: not a BoLID adapter (metadata bolid_kind={kind!r}){hint}; "
-                "BoLID adapters are .safetensors files written by BoLID's training or export"
-            )
-        try:
-            version = int(metadata.get("bolid_format_version", ""))
-        except ValueError as exc:
-            raise AdapterFileError(f"{source}: missing or invalid bolid_format_version") from exc
-        if version != FORMAT_VERSION:
-            raise AdapterFileError(
-                f"{source}: adapter format version {version} is not supported by this BoLID "
-                f"(supports {FORMAT_VERSION}); update the node pack or re-export the adapter"
-            )
+        check_file_kind(metadata, source, ADAPTER, (FORMAT_VERSION,), AdapterFileError)
         try:
             raw = json.loads(metadata["bolid_config"])
             return cls(**{**raw, "hidden_sizes": tuple(raw["hidden_sizes"])})

@@ -25,9 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 
 from .appearance import aggregate_appearance, appearance_descriptor
-from .body_encoder import detect_people, person_view, views_to_tensor
+from .body_views import person_view, views_to_tensor
 from .errors import BoLIDError
-from .keypoints import SEVERAL_PEOPLE_RATIO, PersonPose, choose_person, flip_index
+from .keypoints import SEVERAL_PEOPLE_RATIO, PersonPose, choose_person, detect_people, flip_index
 from .proportions import aggregate_proportions, body_proportions
 from .safetensors_io import atomic_save_safetensors, atomic_write_text, load_safetensors, read_safetensors_metadata
 

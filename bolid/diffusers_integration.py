@@ -18,6 +18,7 @@ from .adapter import BRANCHES, NO_BODY_BRANCH, BoLIDAdapter, Branch, MissingBran
 from .attention import BranchKV, decoupled_cross_attention, sdpa_attention
 from .config import AdapterConfig, describe_layout
 from .errors import AdapterMismatchError
+from .identity import complete_identity
 
 logger = logging.getLogger("bolid")
 
@@ -108,15 +109,9 @@ class BoLIDDiffusers:
         self._kv_cache = {}
         if body_embeds is not None and not self.adapter.config.body_branch:
             raise MissingBranchError(f"a body identity was given, but {NO_BODY_BRANCH}")
-        given = face_embeds if face_embeds is not None else body_embeds
-        if given is None:
+        if face_embeds is None and body_embeds is None:
             return
-        rows = 1 if given.ndim == 1 else given.shape[0]
-        config = self.adapter.config
-        if face_embeds is None:
-            face_embeds = torch.zeros(rows, config.face_embed_dim, device=given.device)
-        if body_embeds is None and config.body_branch:
-            body_embeds = torch.zeros(rows, config.body_dim, device=given.device)
+        face_embeds, body_embeds = complete_identity(self.adapter.config, face_embeds, body_embeds)
         for branch, embeds in (("face", face_embeds), ("body", body_embeds)):
             if branch in self.adapter.branches:
                 self._tokens[branch] = self.adapter.tokens(branch, embeds)

@@ -20,14 +20,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .body_id_io import identity_file_path
+from .body_id_io import identity_file_path, refuse_overwrite
 from .errors import BoLIDError
+from .file_kinds import FACE_ID, read_file_kind
 from .identity import FaceEmbeds
-from .safetensors_io import atomic_save_safetensors, load_safetensors, read_safetensors_metadata
+from .safetensors_io import atomic_save_safetensors, load_safetensors
 
 logger = logging.getLogger("bolid")
 
-FACE_ID_FILE_KIND = "bolid_face_id"
 FACE_ID_FORMAT_VERSION = 1
 
 
@@ -51,12 +51,11 @@ def face_id_path(folder: str | os.PathLike, name: str) -> Path:
 def save_face_id(face: FaceEmbeds, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``face`` atomically; an existing file is an error unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FaceIDFileError(f"{path} already exists: choose another name or enable overwrite")
+    refuse_overwrite(path, overwrite, FaceIDFileError)
     tensors = {"embedding": face.embedding.to(torch.float32)}
     if face.photo_weights:
         tensors["photo_weights"] = torch.tensor(face.photo_weights, dtype=torch.float64)
-    metadata = {"bolid_kind": FACE_ID_FILE_KIND, "bolid_format_version": str(FACE_ID_FORMAT_VERSION),
+    metadata = {"bolid_kind": FACE_ID, "bolid_format_version": str(FACE_ID_FORMAT_VERSION),
                 "bolid_face_dim": str(int(face.embedding.numel())), "bolid_source": face.source,
                 "bolid_num_images": str(int(face.num_images)), "bolid_photos": json.dumps(list(face.photos))}
     atomic_save_safetensors(tensors, path, metadata)
@@ -66,15 +65,7 @@ def save_face_id(face: FaceEmbeds, path: str | os.PathLike, overwrite: bool = Fa
 def load_face_id(path: str | os.PathLike) -> FaceEmbeds:
     """Read a Face ID file written by :func:`save_face_id`, checking kind, version, shapes and the norm."""
     path = Path(path)
-    metadata = read_safetensors_metadata(path, FaceIDFileError)
-    kind = metadata.get("bolid_kind")
-    if kind != FACE_ID_FILE_KIND:
-        hint = " (this is a Body ID: use Load Body ID)" if kind == "bolid_body_id" else ""
-        raise FaceIDFileError(f"{path}: not a BoLID face ID (metadata bolid_kind={kind!r}){hint}; save face "
-                              "identities with the Save Face ID node")
-    if metadata.get("bolid_format_version") != str(FACE_ID_FORMAT_VERSION):
-        raise FaceIDFileError(f"{path}: face ID format version {metadata.get('bolid_format_version')!r} is not "
-                              f"supported (this BoLID reads {FACE_ID_FORMAT_VERSION}); update the node pack")
+    metadata, _ = read_file_kind(path, FACE_ID, (FACE_ID_FORMAT_VERSION,), FaceIDFileError)
     tensors, _ = load_safetensors(path, FaceIDFileError)
     try:
         dim = int(metadata["bolid_face_dim"])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import AdapterConfig
 from .errors import EmbeddingError
 
 
@@ -68,3 +69,36 @@ class BodyID:
     @classmethod
     def from_tensor(cls, c_body: torch.Tensor) -> BodyID:
         return cls(c_body=c_body)
+
+
+# ------------------------------------------------------------------------------------ the "no identity" rule
+
+
+def no_identity(dim: int, rows: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """THE condition of a branch without an identity: the zero embedding ([dim], or [rows, dim]; float32).
+
+    One rule wherever a face or body is absent: training's condition dropout and photos without a detected face,
+    the unconditional half of classifier-free guidance, and an unconnected branch at inference, so body-only and
+    face-only runs see what the adapter saw in training.
+    """
+    return torch.zeros(dim if rows is None else (rows, dim), device=device)
+
+
+def no_identity_like(embeds: torch.Tensor) -> torch.Tensor:
+    """:func:`no_identity` rows shaped like ``embeds`` (same dtype and device), e.g. the uncond rows of CFG."""
+    return torch.zeros_like(embeds)
+
+
+def complete_identity(config: AdapterConfig, face: torch.Tensor | None, body: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both branches' conditions from the one(s) given: a missing branch gets :func:`no_identity` rows (as many
+    as the given branch has, on its device); the body only when the adapter has a body branch."""
+    given = face if face is not None else body
+    if given is None:
+        raise ValueError("complete_identity needs a face or a body condition")
+    rows = 1 if given.ndim == 1 else given.shape[0]
+    if face is None:
+        face = no_identity(config.face_embed_dim, rows, given.device)
+    if body is None and config.body_branch:
+        body = no_identity(config.body_dim, rows, given.device)
+    return face, body

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from .errors import BoLIDError
 
 COCO_KEYPOINTS: tuple[str, ...] = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear",
@@ -58,6 +61,36 @@ class PersonPose:
         return float(max(0.0, x2 - x1) * max(0.0, y2 - y1))
 
 
+def detect_people(runner: Any, images: Sequence[np.ndarray]) -> list[list[PersonPose]]:
+    """Run any pose runner on RGB uint8 HxWx3 images; every image gets a (possibly empty) list of people.
+
+    Any object with one of these methods works (checked in this order): ``detect_all(images)`` or
+    ``detect_batch(images)`` returning a list of lists of PersonPose; ``detect(images)`` or ``__call__(images)``
+    returning per image a PersonPose, None, or a list of PersonPose.
+    """
+    images = list(images)
+    if not images:
+        return []
+    for name in ("detect_all", "detect_batch", "detect", "__call__"):
+        fn = getattr(runner, name, None)
+        if callable(fn):
+            break
+    else:
+        raise TypeError(f"{type(runner).__name__} is not a pose runner (needs detect_all/detect/__call__)")
+    results = fn(images)
+    if len(results) != len(images):
+        raise BoLIDError(f"the pose runner returned {len(results)} results for {len(images)} images")
+    out: list[list[PersonPose]] = []
+    for r in results:
+        if r is None:
+            out.append([])
+        elif hasattr(r, "keypoints") and hasattr(r, "box"):  # one PersonPose (duck-typed: the pack may be
+            out.append([r])                                 # imported under two names in one process)
+        else:
+            out.append([p for p in r if p is not None])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the one person-selection rule (dataset prepare step, Detect Body Pose, Encode Body From Images)
 
@@ -66,6 +99,7 @@ SEVERAL_PEOPLE_POLICIES: tuple[str, ...] = ("use_main", "skip")
 # A second person counts as "several people" when their box is at least this fraction of the main person's box
 # area; smaller people (in the background) are ignored.
 SEVERAL_PEOPLE_RATIO = 0.3
+NO_PERSON = "no person detected"
 
 
 def select_person(people: Sequence[PersonPose], choice: str = "largest") -> PersonPose | None:
@@ -112,7 +146,7 @@ def choose_person(people: Sequence[PersonPose], choice: str = "largest", several
     elif not any(p is main for p in people):
         people.append(main)
     if main is None:
-        return PersonChoice(None, "no person detected", 0)
+        return PersonChoice(None, NO_PERSON, 0)
     others = significant_others(people, main, ratio)
     if others and several_people == "skip":
         return PersonChoice(None, f"several people ({len(others) + 1} detected at >= {ratio:g}x the main person's "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .keypoints import BODY_JOINTS
-from .proportions import body_proportions
+from .proportions import body_proportions, proportion_error
 
 _EPS = 1e-6
 ID_LOSS_MODES = ("proportions", "keypoints")
@@ -65,8 +65,7 @@ def proportion_identity_loss(gen_xy: torch.Tensor, gen_conf: torch.Tensor, ref_p
     """
     props, conf = body_proportions(gen_xy, gen_conf.detach())
     w = conf.detach() * ref_conf
-    per_row = (((props - ref_props) ** 2) * w).sum(-1) / w.sum(-1).clamp_min(_EPS)
-    return per_row.mean()
+    return proportion_error(props, ref_props, w, dim=-1).mean()
 
 
 def clip_alignment_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

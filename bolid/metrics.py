@@ -5,7 +5,7 @@ model, face recognizer, CLIP model or Inception network can be plugged in:
 
 * **Body consistency** (:func:`body_consistency`): the body-proportion error between generated people and the
   reference identity, through a pose model, using THE proportion function (:mod:`bolid.proportions`): per
-  image, ``sqrt(proportion_loss(p_gen, p_ref, c))`` = confidence-weighted RMS difference of the six proportions
+  image, ``sqrt(proportion_error(p_gen, p_ref, c))`` = confidence-weighted RMS difference of the six proportions
   (bone lengths over torso length). Lower is better; 0 = the same proportions. The reference is the
   confidence-weighted aggregate over the reference photos (:func:`reference_proportions`).
 * **Face similarity** (:func:`face_similarity`): cosine between each generated face's ArcFace embedding and the
@@ -32,13 +32,24 @@ import torch
 from torch import nn
 
 from .errors import BoLIDError
-from .proportions import aggregate_proportions, body_proportions
+from .proportions import aggregate_proportions, body_proportions, proportion_error
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's InceptionV3 weights
 
 
 class MetricModelError(BoLIDError):
     """A model a metric needs (Inception, CLIP, face recognizer, pose model) is missing or unusable."""
+
+
+def finite_mean(values: np.ndarray) -> float:
+    """Mean over the images where the metric's detector saw something (NaN marks the others); NaN if none."""
+    ok = np.isfinite(values)
+    return float(values[ok].mean()) if ok.any() else float("nan")
+
+
+def finite_fraction(values: np.ndarray) -> float:
+    """Fraction of images where the metric's detector saw something (a finite value); NaN for no images."""
+    return float(np.isfinite(values).mean()) if len(values) else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------- body
@@ -72,20 +83,19 @@ class BodyConsistency:
 
     @property
     def mean(self) -> float:
-        ok = np.isfinite(self.errors)
-        return float(self.errors[ok].mean()) if ok.any() else float("nan")
+        return finite_mean(self.errors)
 
     @property
     def detected(self) -> float:
         """Fraction of images with a usable body (proportion confidence above the threshold)."""
-        return float(np.isfinite(self.errors).mean()) if len(self.errors) else float("nan")
+        return finite_fraction(self.errors)
 
 
 def proportion_errors(props: torch.Tensor, conf: torch.Tensor, ref: torch.Tensor, ref_conf: torch.Tensor | None = None
                       ) -> torch.Tensor:
     """Confidence-weighted RMS proportion difference per row: sqrt(sum c (p - r)^2 / sum c), c = conf * ref_conf."""
     c = conf if ref_conf is None else conf * ref_conf
-    return torch.sqrt(((props - ref) ** 2 * c).sum(-1) / c.sum(-1).clamp_min(1e-12))
+    return torch.sqrt(proportion_error(props, ref, c, dim=-1, eps=1e-12))
 
 
 def body_consistency(generated_keypoints: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor,
@@ -117,12 +127,11 @@ class FaceSimilarity:
 
     @property
     def mean(self) -> float:
-        ok = np.isfinite(self.similarities)
-        return float(self.similarities[ok].mean()) if ok.any() else float("nan")
+        return finite_mean(self.similarities)
 
     @property
     def detected(self) -> float:
-        return float(np.isfinite(self.similarities).mean()) if len(self.similarities) else float("nan")
+        return finite_fraction(self.similarities)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

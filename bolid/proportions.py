@@ -116,14 +116,20 @@ def aggregate_proportions(proportions: torch.Tensor, confidence: torch.Tensor, d
     return mean, total / max(1, proportions.shape[dim])
 
 
-def proportion_loss(pred: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-    """Confidence-weighted mean squared error between proportion vectors (L_id ``proportions`` form, metrics).
+def proportion_error(pred: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, dim: int | None = None,
+                     eps: float = _EPS) -> torch.Tensor:
+    """THE confidence-weighted squared error between proportion vectors: sum c (p - t)^2 / sum c.
 
-    ``confidence`` should be detached by the caller when it comes from the generated image (the design: joints
-    weighted by detached confidence), otherwise the model can lower the loss by hiding joints.
+    ``dim=None``: one number over all entries (the stage-1 heads' loss, which also applies it to the appearance
+    targets); ``dim=-1``: one per row (stage 2's L_id ``proportions`` form averages the rows; the body-consistency
+    metric takes the square root of each). ``confidence`` should be detached by the caller when it comes from the
+    generated image (the design: joints weighted by detached confidence), otherwise the model can lower the loss
+    by hiding joints.
     """
-    weight_sum = confidence.sum()
-    return ((pred - target) ** 2 * confidence).sum() / weight_sum.clamp_min(_EPS)
+    weighted = (pred - target) ** 2 * confidence
+    if dim is None:
+        return weighted.sum() / confidence.sum().clamp_min(eps)
+    return weighted.sum(dim) / confidence.sum(dim).clamp_min(eps)
 
 
 def body_proportions_np(keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,8 +11,7 @@ import torch
 from ..bolid.adapter import NO_BODY_BRANCH, BoLIDAdapter, Branch, MissingBranchError
 from ..bolid.adapter_io import BODY_ENCODER_HASH_KEY, load_adapter
 from ..bolid.errors import EmbeddingError
-from ..bolid.identity import BodyID, FaceEmbeds
-from ..bolid.safetensors_io import read_safetensors_metadata
+from ..bolid.identity import BodyID, FaceEmbeds, complete_identity
 from .comfy_env import model_file_list, model_file_path
 from .comfy_patch import (
     BoLIDPatchState,
@@ -95,8 +94,8 @@ class LoadBoLIDAdapter:
 
     def load(self, adapter_name: str) -> tuple[LoadedAdapter]:
         path = model_file_path("bolid", adapter_name)
-        adapter = load_adapter(path, dtype=_comfy_unet_dtype())
-        encoder_hash = read_safetensors_metadata(path).get(BODY_ENCODER_HASH_KEY, "")
+        adapter, info = load_adapter(path, dtype=_comfy_unet_dtype())
+        encoder_hash = info.metadata.get(BODY_ENCODER_HASH_KEY, "")
         logger.info("BoLID: loaded adapter %s (%s)", adapter_name, adapter.config.describe())
         return (LoadedAdapter(adapter, adapter_name, wrap_for_memory_manager(adapter), encoder_hash),)
 
@@ -130,11 +129,8 @@ def _identity_embeds(adapter: BoLIDAdapter, body_id: BodyID | None, face_embeds:
         raise EmbeddingError("Apply Adapter (BoLID) needs a body_id and/or face_embeds input; neither is connected")
     # An unconnected identity is the zero embedding: exactly what the adapter saw in training for a missing or
     # dropped face/body, so body-only (text-only mode) and face-only runs match training.
-    if "face" not in embeds:
-        embeds["face"] = torch.zeros(1, config.face_embed_dim)
-    if "body" not in embeds and config.body_branch:
-        embeds["body"] = torch.zeros(1, config.body_dim)
-    return embeds
+    face, body = complete_identity(config, embeds.get("face"), embeds.get("body"))
+    return {"face": face} if body is None else {"face": face, "body": body}
 
 
 class ApplyBoLIDAdapter:

@@ -15,17 +15,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..bolid.body_encoder import (
-    BodyEncodeError,
-    BodyEncoder,
-    crop_person,
-    detect_people,
-    encode_body,
-    load_body_encoder_with_hash,
-)
+from ..bolid.body_encode import BodyEncodeError, encode_body
+from ..bolid.body_encoder import BodyEncoder
+from ..bolid.body_encoder_io import load_body_encoder
 from ..bolid.body_id_io import BodyIDFileError, blend_body_ids, body_id_path, load_body_id, sample_body_id, save_body_id
+from ..bolid.body_views import crop_person
 from ..bolid.identity import BodyID
-from ..bolid.keypoints import PersonPose, choose_person
+from ..bolid.keypoints import PersonPose, choose_person, detect_people
 from ..bolid.skeleton import draw_poses
 from .comfy_batch import batch_progress, check_interrupted, image_list_to_uint8, image_names, one
 from .comfy_env import folder_paths_module, model_file_list, model_file_path, register_model_folders
@@ -115,10 +111,10 @@ class LoadBodyEncoder:
     DESCRIPTION = "Loads a Body-ID encoder (.safetensors from models/bolid, exported by stage-1 training)."
 
     def load(self, encoder_name: str) -> tuple[LoadedBodyEncoder]:
-        model, digest = load_body_encoder_with_hash(model_file_path("bolid", encoder_name))
-        loaded = LoadedBodyEncoder(model=model, hash=digest, name=encoder_name)
+        model, info = load_body_encoder(model_file_path("bolid", encoder_name))
+        loaded = LoadedBodyEncoder(model=model, hash=info.content_hash, name=encoder_name)
         logger.info("BoLID: loaded body encoder %s (c_body dim %d, hash %s)", encoder_name, loaded.latent_dim,
-                    digest)
+                    info.content_hash)
         return (loaded,)
 
 

@@ -31,6 +31,7 @@ from ..bolid.adapter import BoLIDAdapter, Branch
 from ..bolid.attention import BranchKV, decoupled_cross_attention, sdpa_attention
 from ..bolid.config import AdapterConfig, describe_layout
 from ..bolid.errors import AdapterMismatchError, MaskError, UnsupportedModelError
+from ..bolid.identity import no_identity_like
 from .comfy_env import comfy_optimized_attention
 
 logger = logging.getLogger("bolid")
@@ -191,7 +192,7 @@ class IdentityKV(torch.nn.Module):
         with torch.no_grad():
             for branch in branches:
                 embed = embeds[branch]
-                tokens = adapter.tokens(branch, torch.cat([embed, torch.zeros_like(embed)]))
+                tokens = adapter.tokens(branch, torch.cat([embed, no_identity_like(embed)]))
                 for layer in range(adapter.config.num_layers):
                     # a partly loaded adapter (low VRAM) has layers on both devices: follow each layer's weights
                     weight = adapter.layer(layer).projections(branch)[0].weight

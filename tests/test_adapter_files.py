@@ -25,8 +25,10 @@ def test_round_trip_exact(tmp_path):
     adapter = BoLIDAdapter(small_config())
     path = tmp_path / "a.safetensors"
     save_adapter(adapter, path, {"bolid_training": json.dumps({"steps": 3})})
-    loaded = load_adapter(path)
+    loaded, info = load_adapter(path)
     assert loaded.config == adapter.config
+    assert (info.path, info.kind, info.format_version) == (path, "bolid_adapter", 1)
+    assert json.loads(info.metadata["bolid_training"]) == {"steps": 3}
     for (k, a), (_, b) in zip(adapter.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert not list(tmp_path.glob(".*tmp")), "no temp file left behind"
@@ -118,10 +120,11 @@ def test_bad_embeddings(value, match):
 
 
 def test_body_encoder_file_given_as_adapter_gets_a_hint(tmp_path):
-    from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
+    from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
+    from bolid.body_encoder_io import save_body_encoder
 
     path = tmp_path / "enc.safetensors"
     save_body_encoder(BodyEncoder(BodyEncoderConfig(latent_dim=8, crop_size=32, decoder_size=16, width=8, hidden=16)),
                       path)
-    with pytest.raises(AdapterFileError, match="it is a Body-ID encoder, load it with 'Load Body-ID Encoder'"):
+    with pytest.raises(AdapterFileError, match=r"it is a BoLID Body-ID encoder, load it with Load Body-ID Encoder \(BoLID\)"):
         load_adapter(path)

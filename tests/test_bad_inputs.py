@@ -323,9 +323,10 @@ def test_several_people_skips_say_so_not_no_person(pack):
     be = pack.bolid.body_encoder
     torch.manual_seed(0)
     encoder = be.BodyEncoder(be.BodyEncoderConfig(**TINY_ENCODER)).eval()
-    loaded = pack.nodes.body_nodes.LoadedBodyEncoder(model=encoder, hash=be.encoder_hash(encoder), name="e")
+    digest = pack.bolid.body_encoder_io.encoder_hash(encoder)
+    loaded = pack.nodes.body_nodes.LoadedBodyEncoder(model=encoder, hash=digest, name="e")
     node = pack.nodes.body_nodes.EncodeBodyFromImages()
-    with pytest.raises(be.BodyEncodeError) as info:
+    with pytest.raises(pack.bolid.body_encode.BodyEncodeError) as info:
         node.encode(loaded, _TwoPeopleEverywhere(), images(2, 100, 80), 0.3, "skip the image")
     message = str(info.value)
     assert "image 1 of 2: several people (2 detected" in str(info.value)
@@ -461,13 +462,8 @@ def valid_files(tmp_path_factory) -> dict[str, tuple]:
     """kind -> (bytes of a valid file, loader, the loader's error type)."""
     from bolid.adapter import BoLIDAdapter
     from bolid.adapter_io import load_adapter, save_adapter
-    from bolid.body_encoder import (
-        BodyEncoder,
-        BodyEncoderConfig,
-        BodyEncoderFileError,
-        load_body_encoder,
-        save_body_encoder,
-    )
+    from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
+    from bolid.body_encoder_io import BodyEncoderFileError, load_body_encoder, save_body_encoder
     from bolid.body_id_io import BodyIDFileError, load_body_id, save_body_id
     from bolid.config import AdapterConfig
     from bolid.errors import AdapterFileError

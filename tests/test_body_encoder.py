@@ -8,18 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from bolid.body_encoder import (
-    BodyEncodeError,
-    BodyEncoder,
-    BodyEncoderConfig,
-    BodyEncoderFileError,
-    aggregate_views,
-    crop_person,
-    encode_body,
-    encoder_hash,
-    load_body_encoder,
-    save_body_encoder,
-)
+from bolid.body_encode import BodyEncodeError, encode_body
+from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, aggregate_views
+from bolid.body_encoder_io import BodyEncoderFileError, encoder_hash, load_body_encoder, save_body_encoder
 from bolid.body_id_io import (
     BodyIDFileError,
     BodyIDMismatchError,
@@ -29,6 +20,7 @@ from bolid.body_id_io import (
     sample_body_id,
     save_body_id,
 )
+from bolid.body_views import crop_person
 from bolid.identity import BodyID
 from bolid.keypoints import PersonPose, flip_index
 from bolid.proportions import PROPORTION_NAMES, aggregate_proportions, body_proportions, body_proportions_np
@@ -262,8 +254,9 @@ def test_encode_body_errors(encoder):
 def test_encoder_file_round_trip(encoder, tmp_path):
     path = tmp_path / "enc.safetensors"
     digest = save_body_encoder(encoder, path)
-    loaded = load_body_encoder(path)
-    assert loaded.config == encoder.config and digest == encoder_hash(loaded)
+    loaded, info = load_body_encoder(path)
+    assert loaded.config == encoder.config and digest == encoder_hash(loaded) == info.content_hash
+    assert (info.path, info.kind, info.format_version) == (path, "bolid_body_encoder", 2)
     crops, kps = random_views(2)
     with torch.no_grad():
         for a, b in zip(encoder.encode(crops, kps, torch.ones(1, 2)), loaded.encode(crops, kps, torch.ones(1, 2)),

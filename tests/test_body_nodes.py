@@ -58,6 +58,17 @@ def be(pack):
 
 
 @pytest.fixture
+def beio(pack):
+    """The pack's own Body-ID encoder file module."""
+    return pack.bolid.body_encoder_io
+
+
+@pytest.fixture
+def encode_error(pack):
+    return pack.bolid.body_encode.BodyEncodeError
+
+
+@pytest.fixture
 def batch(pack):
     """nodes/comfy_batch.py: the IMAGE conversion, progress and cancellation helpers all node modules use."""
     return pack.nodes.comfy_batch
@@ -75,9 +86,9 @@ def encoder(be):
 
 
 @pytest.fixture
-def loaded(nodes, encoder, be):
+def loaded(nodes, encoder, beio):
     """What Load Body-ID Encoder hands on: the encoder with its hash."""
-    return nodes.LoadedBodyEncoder(model=encoder, hash=be.encoder_hash(encoder), name="tiny.safetensors")
+    return nodes.LoadedBodyEncoder(model=encoder, hash=beio.encoder_hash(encoder), name="tiny.safetensors")
 
 
 def standing_person(x0: float = 40.0, scale: float = 1.0, conf: float = 0.9) -> PersonPose:
@@ -122,16 +133,16 @@ def test_nodes_are_registered_with_prefix_and_category(pack, folders):
     assert pack.NODE_CLASS_MAPPINGS["BoLIDEncodeBodyFromImages"].RETURN_TYPES == ("BOLID_BODY_ID", "IMAGE")
 
 
-def test_load_body_encoder_node(nodes, folders, encoder, be):
-    be.save_body_encoder(encoder, folders / "bolid" / "enc.safetensors")
+def test_load_body_encoder_node(nodes, folders, encoder, beio):
+    beio.save_body_encoder(encoder, folders / "bolid" / "enc.safetensors")
     (folders / "bolid" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     assert nodes.LoadBodyEncoder.INPUT_TYPES()["required"]["encoder_name"][0] == ["broken.safetensors",
                                                                                   "enc.safetensors"]
     (loaded,) = nodes.LoadBodyEncoder().load("enc.safetensors")
     assert isinstance(loaded, nodes.LoadedBodyEncoder) and loaded.name == "enc.safetensors"
     assert loaded.model.config == encoder.config and not loaded.model.training and loaded.latent_dim == 8
-    assert loaded.hash == be.encoder_hash(encoder) == be.encoder_hash(loaded.model)
-    with pytest.raises(be.BodyEncoderFileError, match="broken.safetensors"):
+    assert loaded.hash == beio.encoder_hash(encoder) == beio.encoder_hash(loaded.model)
+    with pytest.raises(beio.BodyEncoderFileError, match="broken.safetensors"):
         nodes.LoadBodyEncoder().load("broken.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         nodes.LoadBodyEncoder().load("missing.safetensors")
@@ -164,9 +175,9 @@ def test_encode_body_from_images(nodes, loaded, caplog):
     torch.testing.assert_close(again.c_body, body_id.c_body, rtol=1e-5, atol=1e-6)
 
 
-def test_encode_errors(nodes, loaded, be, batch):
+def test_encode_errors(nodes, loaded, encode_error, batch):
     images = comfy_images(2)
-    with pytest.raises(be.BodyEncodeError, match=r"image 1 of 2: no person detected; image 2 of 2: no person detected"):
+    with pytest.raises(encode_error, match=r"image 1 of 2: no person detected; image 2 of 2: no person detected"):
         nodes.EncodeBodyFromImages().encode(loaded, FakePoseModel(), images, 0.3)
     with pytest.raises(batch.ImageBatchError, match="non-empty IMAGE batch"):
         nodes.EncodeBodyFromImages().encode(loaded, FakePoseModel(), images[:0], 0.3)
@@ -268,11 +279,12 @@ def test_image_names_are_one_based(batch):
     assert batch.image_name(0, 1) == "image 1 of 1"
 
 
-def test_encoder_hash_is_computed_once_at_load(nodes, folders, encoder, be, monkeypatch):
-    be.save_body_encoder(encoder, folders / "bolid" / "enc.safetensors")
+def test_encoder_hash_is_computed_once_at_load(pack, nodes, folders, encoder, beio, monkeypatch):
+    beio.save_body_encoder(encoder, folders / "bolid" / "enc.safetensors")
     calls = []
-    real = be.encoder_hash
-    monkeypatch.setattr(be, "encoder_hash", lambda model: calls.append(model) or real(model))
+    real = beio.encoder_hash
+    for module in (beio, pack.bolid.body_encode):  # the loader and Encode Body's fallback
+        monkeypatch.setattr(module, "encoder_hash", lambda model: calls.append(model) or real(model))
     (loaded,) = nodes.LoadBodyEncoder().load("enc.safetensors")
     assert len(calls) == 1  # verifying the stored hash and carrying it are one computation
     images = comfy_images(2)
@@ -296,7 +308,7 @@ def _full_body(w: int, h: int) -> PersonPose:
     return PersonPose(box=np.array([kp[:, 0].min() - 2, 0.0, kp[:, 0].max() + 2, h - 1.0]), score=0.9, keypoints=kp)
 
 
-def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, be, loaded, tmp_path, monkeypatch):
+def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, loaded, tmp_path, monkeypatch):
     """A portrait and a landscape photo, loaded from a folder under input/ and handed on as a list: the pose
     model and the encoder see each full photo (no resize, no crop), and both full bodies (head at the top edge,
     feet at the bottom edge) are inside the views the identity is encoded from."""
@@ -341,7 +353,7 @@ def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, be, loaded, tm
     for arr, original, pose, crop in zip(captured["arrays"], photos.values(), captured["poses"],
                                          captured["result"].crops, strict=True):
         assert np.array_equal(arr, original)  # the whole photo, pixel for pixel
-        expected, kp = be.crop_person(original, pose, crop.shape[0], loaded.model.config.crop_margin)
+        expected, kp = pack.bolid.body_views.crop_person(original, pose, crop.shape[0], loaded.model.config.crop_margin)
         assert np.array_equal(crop, expected)
         assert kp[:, :2].min() > 0.0 and kp[:, :2].max() < 1.0  # head and feet inside the view
         assert kp[0, 1] < 0.15 and kp[15, 1] > 0.85  # ... and the body spans the view
@@ -354,7 +366,7 @@ def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, be, loaded, tm
     assert image_nodes.LoadImagesFromFolder.IS_CHANGED("me") != before
 
 
-def test_encode_body_uses_the_poses_of_detect_body_pose(pack, nodes, loaded, be):
+def test_encode_body_uses_the_poses_of_detect_body_pose(pack, nodes, loaded, encode_error):
     """With poses connected, Encode Body detects nothing itself, applies its several-people policy to every person
     Detect Body Pose found, and refuses poses of other images."""
     images = comfy_images(3)
@@ -380,8 +392,8 @@ def test_encode_body_uses_the_poses_of_detect_body_pose(pack, nodes, loaded, be)
     # a plain list (one PersonPose | None per image) works as well
     plain, _ = nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images, 0.3, poses=list(detected))
     torch.testing.assert_close(plain.c_body, itself.c_body)
-    with pytest.raises(be.BodyEncodeError, match=r"cover 3 image\(s\) but 2 image\(s\)"):
+    with pytest.raises(encode_error, match=r"cover 3 image\(s\) but 2 image\(s\)"):
         nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images[:2], 0.3, poses=detected)
     other = kp.DetectedPoses(list(detected), people, [(90, 110), (200, 100), (90, 110)])
-    with pytest.raises(be.BodyEncodeError, match="image 2 of 3 were detected on a 200x100 image"):
+    with pytest.raises(encode_error, match="image 2 of 3 were detected on a 200x100 image"):
         nodes.EncodeBodyFromImages().encode(loaded, Refuses(), images, 0.3, poses=other)

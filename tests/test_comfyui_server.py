@@ -155,7 +155,8 @@ def base_dir(comfyui, tmp_path_factory) -> Path:
     import test_face
     from PIL import Image
 
-    from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
+    from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
+    from bolid.body_encoder_io import save_body_encoder
 
     base = tmp_path_factory.mktemp("comfy_base")
     models = base / "models"

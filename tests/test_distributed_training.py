@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from test_stage1_training import FakePoseRunner, make_dataset
 from test_stage2_config import save_tiny_pipeline
 
-from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
+from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
+from bolid.body_encoder_io import save_body_encoder
 from bolid.dataset import dataset_config_from_dict, prepare_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

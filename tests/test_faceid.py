@@ -93,7 +93,7 @@ def test_imported_face_branch_equals_stock_load_ip_adapter(layout, suffix, tmp_p
     unet = make_unet()
     path = write_faceid(faceid_state_dict(unet), tmp_path / f"ip-adapter-faceid_{layout}{suffix}")
     out = write_faceid_adapter(path, tmp_path / "models" / "bolid")
-    adapter = load_adapter(out)  # through the ComfyUI loader's own validation
+    adapter, _ = load_adapter(out)  # through the ComfyUI loader's own validation
     assert not adapter.config.body_branch and adapter.branches == ("face",)
     assert adapter.config.face_tokens == 4 and adapter.config.context_dim == CTX
     scale = 0.8

@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from bolid.appearance import APPEARANCE_DIM, aggregate_appearance, appearance_descriptor
-from bolid.body_encoder import (
-    BodyEncoder,
-    BodyEncoderConfig,
-    BodyEncoderFileError,
-    fit_body_prior,
-    load_body_encoder,
-    save_body_encoder,
-)
+from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, fit_body_prior
+from bolid.body_encoder_io import BodyEncoderFileError, load_body_encoder, save_body_encoder
 from bolid.body_id_io import sample_body_id
 from bolid.keypoints import flip_index
 from bolid.safetensors_io import atomic_save_safetensors
@@ -72,7 +66,7 @@ def test_body_prior_is_stored_with_the_encoder_and_sampled_from(tmp_path):
     model.body_prior = fit_body_prior(means)
     path = tmp_path / "enc.safetensors"
     digest = save_body_encoder(model, path)
-    loaded = load_body_encoder(path)
+    loaded, _ = load_body_encoder(path)
     assert loaded.body_prior is not None and torch.allclose(loaded.body_prior[0], model.body_prior[0])
     draws = torch.stack([sample_body_id(6, s, distribution=loaded.body_prior).c_body for s in range(3000)])
     assert torch.allclose(draws.mean(0), means.mean(0), atol=0.05)
@@ -106,7 +100,8 @@ def test_format_1_encoder_files_still_load_without_an_appearance_head(tmp_path):
     meta = {"bolid_kind": "bolid_body_encoder", "bolid_format_version": "1",
             "bolid_config": json.dumps({**config, "training": {}})}
     atomic_save_safetensors(state, tmp_path / "v1.safetensors", meta)
-    loaded = load_body_encoder(tmp_path / "v1.safetensors")
+    loaded, info = load_body_encoder(tmp_path / "v1.safetensors")
+    assert info.format_version == 1
     assert loaded.appearance_head is None and loaded.config.appearance_dim == 0
     z = torch.randn(2, 6)
     assert torch.allclose(loaded.predict_proportions(z), old.proportion_head(z))

@@ -8,15 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bolid.body_encoder import (
-    BodyEncoder,
-    BodyEncoderConfig,
-    crop_person,
-    encode_body,
-    load_body_encoder,
-    save_body_encoder,
-    views_to_tensor,
-)
+from bolid.body_encode import encode_body
+from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
+from bolid.body_encoder_io import load_body_encoder, save_body_encoder
+from bolid.body_views import crop_person, views_to_tensor
 from bolid.dataset import (
     DatasetConfig,
     IdentityCache,
@@ -90,7 +85,7 @@ def test_dataset_prepare_and_encode_body_cut_identical_pixels(tmp_path):
     encoder = BodyEncoder(BodyEncoderConfig(latent_dim=8, crop_size=16, decoder_size=8, width=4, hidden=16)).eval()
     encoder.view_size = dataset.crop_size  # what stage-1 training sets before exporting
     save_body_encoder(encoder, tmp_path / "enc.safetensors")
-    loaded = load_body_encoder(tmp_path / "enc.safetensors")
+    loaded, _ = load_body_encoder(tmp_path / "enc.safetensors")
     assert loaded.view_size == 48
 
     seen: list[torch.Tensor] = []
@@ -126,7 +121,7 @@ def test_encoder_files_without_a_recorded_view_size(tmp_path):
     tensors, meta = load_safetensors(tmp_path / "a.safetensors")
     meta.pop("bolid_view_size")
     atomic_save_safetensors(tensors, tmp_path / "b.safetensors", meta)
-    assert load_body_encoder(tmp_path / "b.safetensors").view_size == 64
+    assert load_body_encoder(tmp_path / "b.safetensors")[0].view_size == 64
     meta.pop("bolid_training")
     atomic_save_safetensors(tensors, tmp_path / "c.safetensors", meta)
-    assert load_body_encoder(tmp_path / "c.safetensors").view_size == 16
+    assert load_body_encoder(tmp_path / "c.safetensors")[0].view_size == 16

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from bolid.body_encoder import load_body_encoder
+from bolid.body_encoder_io import encoder_hash, load_body_encoder
 from bolid.dataset import (
     DatasetCacheError,
     Stage1Dataset,
@@ -260,9 +260,8 @@ def test_short_cpu_run_lowers_the_loss_and_exports_a_loadable_encoder(prepared, 
     assert len(losses) == 80 and all(np.isfinite(losses))
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
     assert last < 0.6 * first, (first, last)
-    encoder = load_body_encoder(result["export"])
+    encoder, _ = load_body_encoder(result["export"])
     assert encoder.config.latent_dim == 16
-    from bolid.body_encoder import encoder_hash
     assert encoder_hash(encoder) == result["encoder_hash"]
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*")), "no tensorboard event file"
     # c_body holds identity: two disjoint halves of one identity's photos land closer than different identities
@@ -306,7 +305,7 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(prepared, tmp_path):
     resumed = train_stage1(Stage1Config.from_dict(raw), resume="latest")
     assert resumed["step"] == 6 and len(resumed["losses"]) == 4  # steps 3..6 again
     np.testing.assert_allclose(seen[:2] + resumed["losses"], full["losses"], rtol=1e-5, atol=1e-6)
-    a, b = load_body_encoder(full["export"]), load_body_encoder(resumed["export"])
+    (a, _), (b, _) = load_body_encoder(full["export"]), load_body_encoder(resumed["export"])
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
 
@@ -326,7 +325,7 @@ def test_train_py_runs_as_a_script(prepared, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixed precision bf16" in proc.stderr
-    assert load_body_encoder(tmp_path / "out" / "body_encoder.safetensors").config.hidden == 64
+    assert load_body_encoder(tmp_path / "out" / "body_encoder.safetensors")[0].config.hidden == 64
 
 
 def test_train_py_rejects_unknown_stage_and_bad_keys(tmp_path):

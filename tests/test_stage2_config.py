@@ -15,7 +15,8 @@ from tiny_unets import CTX, tiny_sd15_unet, tiny_sdxl_unet
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from bolid.adapter_io import load_adapter
-from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, save_body_encoder
+from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
+from bolid.body_encoder_io import save_body_encoder
 from bolid.dataset import dataset_config_from_dict, prepare_dataset
 from bolid.safetensors_io import read_safetensors_metadata
 from training import train
@@ -91,7 +92,7 @@ def test_train_py_stage2_end_to_end_and_resume(setup, tmp_path):
     out = tmp_path / "run"
     config = _config(setup, out)
     assert train.main(["--config", str(config)]) == 0
-    adapter = load_adapter(out / "bolid_adapter.safetensors")
+    adapter, _ = load_adapter(out / "bolid_adapter.safetensors")
     assert adapter.config.body_dim == 16 and adapter.config.num_layers == 16
     meta = read_safetensors_metadata(out / "bolid_adapter.safetensors")
     assert meta["bolid_training_steps"] == "2" and meta["bolid_base_model"] == "sd15:sd15"
@@ -179,7 +180,7 @@ def test_face_branch_from_faceid_stays_bit_identical_and_body_learns(setup, tmp_
     text = config.read_text().replace("[adapter]\n", f'[adapter]\nface_init = "{path}"\n')
     config.write_text(text + "ema_decay = 0.9\nlearning_rate = 0.01\n")
     assert train.main(["--config", str(config)]) == 0
-    adapter = load_adapter(out / "bolid_adapter.safetensors")
+    adapter, _ = load_adapter(out / "bolid_adapter.safetensors")
     assert adapter.config.face_tokens == 4 and adapter.config.body_branch  # token count from the file, not the config
     for key, value in adapter.face_proj.state_dict().items():
         assert torch.equal(value, faceid["image_proj"][key]), key

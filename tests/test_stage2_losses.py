@@ -15,7 +15,8 @@ from bolid.losses import (
     normalize_keypoints,
     proportion_identity_loss,
 )
-from bolid.proportions import body_proportions
+from bolid.metrics import body_consistency
+from bolid.proportions import body_proportions, proportion_error
 from training.stage2_core import (
     LossConfig,
     SamplingConfig,
@@ -53,6 +54,21 @@ def test_keypoint_loss_zero_for_same_pose_positive_otherwise():
     other = _pose(seed=3)
     diff = keypoint_identity_loss(other[None, :, :2], conf, kp[None, :, :2], kp[None, :, 2])
     assert same.item() < 1e-8 and diff.item() > 1e-3
+
+
+def test_one_proportion_error_serves_l_id_and_the_metric():
+    """L_id ``proportions`` is the mean of THE per-row error; the body-consistency metric is its square root."""
+    g = torch.Generator().manual_seed(0)
+    xy, conf = torch.rand(3, 17, 2, generator=g) * 50, torch.rand(3, 17, generator=g)
+    ref, ref_conf = torch.rand(3, 6, generator=g), torch.rand(3, 6, generator=g)
+    props, prop_conf = body_proportions(xy, conf)
+    rows = proportion_error(props, ref, prop_conf * ref_conf, dim=-1)
+    assert torch.equal(proportion_identity_loss(xy, conf, ref, ref_conf), rows.mean())
+    metric = body_consistency(torch.cat([xy, conf[..., None]], -1), ref.double(), ref_conf.double(), 0.0).errors
+    assert metric == pytest.approx(rows.sqrt().tolist(), rel=1e-5)
+    weighted = ((props - ref) ** 2 * prop_conf).sum() / prop_conf.sum()  # no dim: one weighted mean (stage 1)
+    assert torch.equal(proportion_error(props, ref, prop_conf), weighted)
+    assert proportion_error(props, ref, torch.zeros_like(ref)).item() == 0.0  # nothing seen: no error, no NaN
 
 
 def test_proportion_loss_matches_identity_reference():

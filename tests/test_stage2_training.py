@@ -107,7 +107,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert (tmp_path / "full" / "validation" / "step_00000004.png").is_file()
     assert list((tmp_path / "full" / "logs").rglob("events.out.tfevents.*"))
     # the export holds the EMA weights, not the raw ones
-    exported = load_adapter(tmp_path / "full" / "bolid_adapter.safetensors").state_dict()
+    exported = load_adapter(tmp_path / "full" / "bolid_adapter.safetensors")[0].state_dict()
     assert all(torch.allclose(exported[k], full["ema"][k]) for k in exported)
 
 
@@ -120,7 +120,7 @@ def test_export_loads_in_the_nodes_loader_and_in_diffusers(tmp_path):
     lc = LossConfig(id_weight=0.0, clip_weight=0.0)
     result = train_stage2_loop(comp, adapter, data, tc, lc, output_dir=tmp_path, seed=0)
     main, face_file, body_file = result["export"]
-    loaded = load_adapter(main)
+    loaded, _ = load_adapter(main)
     trained = result["adapter"].state_dict()
     assert all(torch.equal(loaded.state_dict()[k], trained[k].cpu()) for k in trained)
     meta = read_safetensors_metadata(main)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, fit_body_prior, save_body_encoder
+from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, fit_body_prior
+from bolid.body_encoder_io import save_body_encoder
 from bolid.dataset import (
     DatasetCacheError,
     IdentityCache,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bolid.adapter_io import load_adapter
-from bolid.body_encoder import load_body_encoder
+from bolid.body_encoder_io import load_body_encoder
 from bolid.dataset import DatasetConfig, dataset_config_from_dict
 from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
 from bolid.errors import BoLIDError
@@ -156,7 +156,7 @@ def build(config: Stage2Config, device: torch.device | str = "cpu", prepare: boo
     base = load_base_model(m.pretrained, m.config_dir or None, m.unet_weights or None, m.family,
                            m.prediction_type or None)
     base.vae.to(device)
-    encoder = load_body_encoder(m.body_encoder, device) if Path(m.body_encoder).is_file() else None
+    encoder = load_body_encoder(m.body_encoder, device)[0] if Path(m.body_encoder).is_file() else None
     if encoder is None:
         raise BaseModelError(f"Body-ID encoder not found: {m.body_encoder} (train it with stage 1)")
     if prepare:
@@ -189,7 +189,7 @@ def build(config: Stage2Config, device: torch.device | str = "cpu", prepare: boo
     data = Stage2Data(identities, config.sampling, components, text_cache=text_cache)
     a = config.adapter
     if a.init:
-        adapter = load_adapter(a.init)
+        adapter = load_adapter(a.init)[0]
     else:
         torch.manual_seed(config.seed)
         faceid = read_ip_adapter_file(a.face_init) if a.face_init else None

@@ -54,6 +54,7 @@ from bolid.adapter_io import BODY_ENCODER_HASH_KEY, export_ip_adapter, save_adap
 from bolid.body_encoder import aggregate_views
 from bolid.diffusers_integration import BoLIDDiffusers
 from bolid.errors import BoLIDError
+from bolid.identity import no_identity, no_identity_like
 from bolid.losses import ID_LOSS_MODES, clip_alignment_loss, keypoint_identity_loss, proportion_identity_loss
 from bolid.proportions import aggregate_proportions, body_proportions
 from training.common import (  # noqa: F401 (CHECKPOINT_PREFIX, STATE_FILE, list_checkpoints are re-exported)
@@ -309,8 +310,8 @@ class Stage2Data:
         text_key = "" if drop in ("text", "all") else caption
         embeds, pooled = self.text_cache[text_key]
         face_dim = ident.face.shape[-1] if ident.face is not None else 512
-        face_t = torch.zeros(face_dim) if face is None or drop in ("face", "all") else face.float()
-        body_t = torch.zeros_like(mu) if drop in ("body", "all") else mu
+        face_t = no_identity(face_dim) if face is None or drop in ("face", "all") else face.float()
+        body_t = no_identity_like(mu) if drop in ("body", "all") else mu
         return {"sample": ident.samples[j], "text_embeds": embeds, "pooled": pooled,
                 "time_ids": None if ident.time_ids is None else ident.time_ids[j],
                 "face": face_t, "body": body_t, "caption": caption, "drop": drop,
@@ -848,15 +849,15 @@ def validation_images(model: Stage2Model, data: Stage2Data, identities: Sequence
         face, body = identity_condition(ident, data.sampling.prior_expert)
         ref = ident.samples[0][None].to(device)
         face_dim = ident.face.shape[-1] if ident.face is not None else model.adapter.config.face_embed_dim
-        face = torch.zeros(face_dim) if face is None else face
+        face = no_identity(face_dim) if face is None else face
         cond = {"text_embeds": data.text_cache[ident.captions[0]][0], "pooled": data.text_cache[ident.captions[0]][1]}
         uncond = {"text_embeds": data.text_cache[""][0], "pooled": data.text_cache[""][1]}
         t_ids = None if ident.time_ids is None else ident.time_ids[0]
         batch = {"text_embeds": torch.stack([uncond["text_embeds"], cond["text_embeds"]]),
                  "pooled": None if cond["pooled"] is None else torch.stack([uncond["pooled"], cond["pooled"]]),
                  "time_ids": None if t_ids is None else torch.stack([t_ids, t_ids])}
-        faces = torch.stack([torch.zeros_like(face), face]).to(device)
-        bodies = torch.stack([torch.zeros_like(body), body]).to(device)
+        faces = torch.stack([no_identity_like(face), face]).to(device)
+        bodies = torch.stack([no_identity_like(body), body]).to(device)
         gen = torch.Generator().manual_seed(seed + n)
         x = torch.randn(ref.shape, generator=gen).to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:

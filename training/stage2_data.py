@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bolid.body_encoder import BodyEncoder, encoder_hash, views_to_tensor
+from bolid.body_encoder import BodyEncoder
+from bolid.body_encoder_io import encoder_hash
+from bolid.body_views import views_to_tensor
 from bolid.dataset import (
     DatasetCacheError,
     DatasetConfig,
@@ -30,6 +32,7 @@ from bolid.dataset import (
     read_cache_index,
     read_rgb,
 )
+from bolid.identity import no_identity
 from bolid.safetensors_io import (
     atomic_save_safetensors,
     atomic_write_text,
@@ -177,7 +180,7 @@ def _build_identity(folder: Path, files: list[str], tensors1: dict[str, torch.Te
         # SDXL micro-conditioning: original size, crop top-left, target size (in the resized image's pixels)
         tids.append(torch.tensor([h, w, top, left, bucket[0], bucket[1]], dtype=torch.float32))
         emb = face_embed(image) if face_embed is not None else None
-        faces.append(torch.zeros(512) if emb is None else torch.as_tensor(np.asarray(emb, np.float32)))
+        faces.append(no_identity(512) if emb is None else torch.as_tensor(np.asarray(emb, np.float32)))
         valid.append(emb is not None)
     out.update({"keypoints": torch.stack(kps), "time_ids": torch.stack(tids), "face": torch.stack(faces),
                 "face_valid": torch.tensor(valid, dtype=torch.uint8)})
