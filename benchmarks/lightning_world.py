@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bolid.identity import no_identity_like  # noqa: E402
 from bolid.safetensors_io import atomic_write_text  # noqa: E402
 from bolid.synthetic import ORACLE_DIM  # noqa: E402
 from training.experiment import stats  # noqa: E402
@@ -104,7 +105,7 @@ def generate_few_step(unet: torch.nn.Module, text: Any, captions: list[str], see
     controller = None
     if adapter is not None:
         controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
-        controller.set_identity(None, torch.cat([torch.zeros_like(bodies), bodies]).float())
+        controller.set_identity(None, torch.cat([no_identity_like(bodies), bodies]).float())
     try:
         for t in sched.timesteps:
             pred = unet(sched.scale_model_input(torch.cat([x, x]), t), t, ctx).sample

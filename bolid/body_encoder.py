@@ -306,27 +306,3 @@ class BodyEncoder(nn.Module):
         """A head's error against its slice of the standardised targets: THE confidence-weighted error."""
         target = self.standardise_targets(targets.float())[..., offset: offset + pred.shape[-1]]
         return proportion_error(pred.float(), target, confidence.float())
-
-
-# Names that training/experiment/ still imports from here (it moves to the modules above in its own change):
-# crop_person (bolid.body_views), encode_body (bolid.body_encode) and load_body_encoder returning the encoder
-# alone. Resolved on first use, so this module does not import the IO and inference modules built on it.
-def __getattr__(name: str) -> Any:
-    if name == "crop_person":
-        from .body_views import crop_person
-
-        return crop_person
-    if name == "encode_body":
-        from .body_encode import encode_body
-
-        return encode_body
-    if name == "load_body_encoder":
-        return _load_body_encoder_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _load_body_encoder_model(path: Any, device: str | torch.device = "cpu") -> BodyEncoder:
-    """:func:`bolid.body_encoder_io.load_body_encoder` without the file info (for training/experiment/)."""
-    from .body_encoder_io import load_body_encoder
-
-    return load_body_encoder(path, device)[0]

@@ -30,6 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from bolid.errors import BoLIDError
+from bolid.identity import no_identity_like
 
 if TYPE_CHECKING:  # stage2_core imports this module
     from training.stage2_core import Stage2Model
@@ -148,8 +149,8 @@ def lightning_x0(model: Stage2Model, batch: dict[str, Any], rows: torch.Tensor, 
                "pooled": None if sub["pooled"] is None else torch.cat([u_pool[None].expand(n, -1).to(sub["pooled"]),
                                                                        sub["pooled"]]),
                "time_ids": None if sub["time_ids"] is None else torch.cat([sub["time_ids"], sub["time_ids"]])}
-        face = torch.cat([torch.zeros_like(face), face])
-        body = torch.cat([torch.zeros_like(body), body])
+        face = torch.cat([no_identity_like(face), face])
+        body = torch.cat([no_identity_like(body), body])
     num_t = int(sched.config.num_train_timesteps)
     schedule = trailing_timesteps(num_t, cfg.steps)
 

@@ -377,7 +377,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         tables["single"][name] = body_of(encoder, held.references[:1], pose)
         tables["oracle"][name] = torch.from_numpy(held.identity.oracle_vector())
     # text-only mode: the Body ID goes through its file (the real encode_body + save/load path)
-    from bolid.body_encoder import encode_body
+    from bolid.body_encode import encode_body
 
     from .readout import person_from_keypoints
 

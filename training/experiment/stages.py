@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from bolid.body_encoder import BodyEncoder, aggregate_views, crop_person, load_body_encoder
+from bolid.body_encoder import BodyEncoder, aggregate_views
+from bolid.body_encoder_io import load_body_encoder
+from bolid.body_views import crop_person
 from bolid.diffusers_integration import BoLIDDiffusers, adapter_config_for_unet, init_adapter_from_unet
+from bolid.identity import no_identity_like
 from bolid.synthetic import SyntheticIdentity, SyntheticPhoto, make_identity
 
 from .config import ExperimentConfig
@@ -102,7 +105,7 @@ def run_stage1(cfg: ExperimentConfig, world: World, pose: WorldPose) -> tuple[Bo
                         "checkpointing_steps": 10**9, "checkpoints_total_limit": 1, **s1.training()}}
     result = train_stage1(Stage1Config.from_dict(raw), pose_runner=pose)
     logger.info("stage 1: %d steps, last losses %s", result["step"], result["losses"][-3:])
-    return load_body_encoder(result["export"]), result["losses"]
+    return load_body_encoder(result["export"])[0], result["losses"]
 
 
 def view_posteriors(encoder: BodyEncoder, photos: list[SyntheticPhoto], pose: WorldPose
@@ -191,7 +194,7 @@ class TargetInContext:
             ctx = sorted({*batch["context_indices"][r], batch["target_index"][r]})
             mu, _ = aggregate_views(ident.body_mu[ctx].float(), ident.body_logvar[ctx].float(),
                                     ident.body_weights[ctx].float(), self._data.sampling.prior_expert)
-            bodies.append(mu if bool(batch["body_present"][r]) else torch.zeros_like(mu))
+            bodies.append(mu if bool(batch["body_present"][r]) else no_identity_like(mu))
         batch["body"] = torch.stack(bodies)
         return batch
 
@@ -258,7 +261,7 @@ def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], s
         if adapter is not None:
             controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
             b = bodies[start : start + batch].float()
-            controller.set_identity(None, torch.cat([torch.zeros_like(b), b]))
+            controller.set_identity(None, torch.cat([no_identity_like(b), b]))
         try:
             for t in sched.timesteps:
                 pred = unet(torch.cat([x, x]), t, ctx).sample
@@ -291,7 +294,7 @@ def body_branch_response(unet: torch.nn.Module, text: CaptionEncoder, adapter: A
     xt = sched.add_noise(x0, noise, t)
     ctx = text(captions)
     outs = {}
-    for label, body in (("own", own), ("swapped", swapped), ("none", torch.zeros_like(own))):
+    for label, body in (("own", own), ("swapped", swapped), ("none", no_identity_like(own))):
         controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
         try:
             controller.set_identity(None, body.float())
@@ -300,7 +303,7 @@ def body_branch_response(unet: torch.nn.Module, text: CaptionEncoder, adapter: A
             controller.detach()
     controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
     try:
-        controller.set_identity(None, torch.zeros_like(own).float())
+        controller.set_identity(None, no_identity_like(own).float())
         no_caption = unet(xt, t, text([""] * len(captions))).sample
     finally:
         controller.detach()
