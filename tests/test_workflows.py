@@ -23,7 +23,8 @@ UI_DIR = WORKFLOW_DIR / "ui"
 API_DIR = WORKFLOW_DIR / "api"
 WIDGET_LOCK = WORKFLOW_DIR / "spec" / "bolid_widgets.json"
 EXPECTED = ("faceid_face_only_sd15", "faceid_face_only_sdxl", "photo_face_body_sd15", "photo_face_body_sdxl_lightning",
-            "photos_to_body_id", "pose_controlnet_body_id_sd15", "text_only_body_id_sdxl_lightning")
+            "photos_to_body_id", "pose_controlnet_body_id_sd15", "text_only_body_id_sdxl_lightning",
+            "two_people_regional_sd15")
 
 
 def _load_build():
@@ -333,15 +334,14 @@ def test_core_node_list_matches_real_comfyui(comfyui, specs):
     comfy.cli_args.args.cpu = True
     from comfy_execution.validation import validate_node_input
 
-    import nodes
-
     stored = build.core_definitions()
+    classes = {n: build.core_node_class(n) for n in stored}  # nodes.py, or the comfy_extras module defining it
     real = {name: spec_def for name, spec_def in ((n, {
-        "input": build.normalise_input_types(nodes.NODE_CLASS_MAPPINGS[n].INPUT_TYPES()),
-        "output": [build.type_name(t) for t in nodes.NODE_CLASS_MAPPINGS[n].RETURN_TYPES],
-        "output_name": list(getattr(nodes.NODE_CLASS_MAPPINGS[n], "RETURN_NAMES", None)
-                            or [build.type_name(t) for t in nodes.NODE_CLASS_MAPPINGS[n].RETURN_TYPES]),
-        "output_node": bool(getattr(nodes.NODE_CLASS_MAPPINGS[n], "OUTPUT_NODE", False)),
+        "input": build.normalise_input_types(classes[n].INPUT_TYPES()),
+        "output": [build.type_name(t) for t in classes[n].RETURN_TYPES],
+        "output_name": list(getattr(classes[n], "RETURN_NAMES", None)
+                            or [build.type_name(t) for t in classes[n].RETURN_TYPES]),
+        "output_node": bool(getattr(classes[n], "OUTPUT_NODE", False)),
     }) for n in stored)}
     for name, definition in stored.items():
         ours, theirs = build.spec_from_definition(name, definition), build.spec_from_definition(name, real[name])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import json
 import sys
@@ -44,7 +45,10 @@ UPLOAD_KEYS = ("image_upload", "video_upload", "animated_image_upload")
 FRONTEND_ONLY = {"MarkdownNote": ("text",), "Note": ("text",)}
 CORE_NODE_TYPES = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
                    "SaveImage", "PreviewImage", "LoadImage", "ImageBatch", "LoraLoaderModelOnly",
-                   "ControlNetLoader", "ControlNetApplyAdvanced")
+                   "ControlNetLoader", "ControlNetApplyAdvanced", "SolidMask", "MaskComposite", "InvertMask")
+# core nodes defined outside ComfyUI's nodes.py (its comfy_extras modules, loaded at start-up): type -> module
+CORE_EXTRA_MODULES = {"SolidMask": "comfy_extras.nodes_mask", "MaskComposite": "comfy_extras.nodes_mask",
+                      "InvertMask": "comfy_extras.nodes_mask"}
 
 # File names the workflows expect (README "User guide" lists where each goes).
 SDXL_LIGHTNING_CKPT = "sdxl_lightning_4step.safetensors"
@@ -236,6 +240,12 @@ def node_specs() -> dict[str, NodeSpec]:
     return specs
 
 
+def core_node_class(class_type: str) -> type:
+    """A core node's class in the ComfyUI on sys.path (nodes.py, or the comfy_extras module that defines it)."""
+    module = importlib.import_module(CORE_EXTRA_MODULES.get(class_type, "nodes"))  # ComfyUI's nodes.py
+    return module.NODE_CLASS_MAPPINGS[class_type]
+
+
 def dump_core(comfyui: Path) -> dict:
     """The core nodes the workflows use, as a real ComfyUI defines them; file-list combos are stored empty."""
     sys.path.insert(0, str(comfyui))
@@ -244,13 +254,11 @@ def dump_core(comfyui: Path) -> dict:
     comfy.cli_args.args.cpu = True
     import comfyui_version  # type: ignore[import-not-found]
 
-    import nodes  # type: ignore[import-not-found]  # ComfyUI's nodes.py (first on sys.path)
-
     file_lists = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("LoraLoaderModelOnly", "lora_name"),
                   ("ControlNetLoader", "control_net_name")}
     out = {}
     for class_type in CORE_NODE_TYPES:
-        cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+        cls = core_node_class(class_type)
         definition = {"input": normalise_input_types(cls.INPUT_TYPES()),
                       "output": [type_name(t) for t in cls.RETURN_TYPES],
                       "output_name": list(getattr(cls, "RETURN_NAMES", None) or
@@ -632,8 +640,61 @@ def faceid_face_only_sdxl() -> Workflow:
     return _faceid_face_only("sdxl")
 
 
+PERSON_IDS = ("person_a", "person_b")  # Body ID and Face ID names of the two people (Save Body ID / Save Face ID)
+TWO_PEOPLE_PROMPT = "full-body photo of two people standing side by side in a park, natural light, detailed"
+
+
+def two_people_regional_sd15() -> Workflow:
+    """Two people in one image: two Apply nodes on one model, each with its own stored Body ID and Face ID and a
+    disjoint mask (left / right half, made with core mask nodes at the generated size)."""
+    width, height = 768, 512
+    nodes, links = _sampler_part(SD15_CKPT, ADAPTER_SD15, width, height, SD15_SAMPLER, negative=SD15_NEGATIVE,
+                                 positive=TWO_PEOPLE_PROMPT)
+    links.remove((10, "MODEL", 7, "model"))
+    a, b = PERSON_IDS
+    nodes += [
+        Node(10, "BoLIDApplyAdapter", (420, 60), {"weight_face": 0.8, "weight_body": 0.8, "start_at": 0.0,
+                                                  "end_at": 1.0}, title="Apply Adapter (BoLID): left person",
+             color=BOLID),
+        Node(11, "BoLIDApplyAdapter", (420, 420), {"weight_face": 0.8, "weight_body": 0.8, "start_at": 0.0,
+                                                   "end_at": 1.0}, title="Apply Adapter (BoLID): right person",
+             color=BOLID),
+        Node(12, "BoLIDLoadBodyID", (-380, 60), {"body_id_name": f"{a}.safetensors"}, title="Body ID: left person",
+             color=BOLID),
+        Node(13, "BoLIDLoadFaceID", (-380, 180), {"face_id_name": f"{a}.safetensors"}, title="Face ID: left person",
+             color=BOLID),
+        Node(14, "BoLIDLoadBodyID", (-380, 420), {"body_id_name": f"{b}.safetensors"}, title="Body ID: right person",
+             color=BOLID),
+        Node(15, "BoLIDLoadFaceID", (-380, 540), {"face_id_name": f"{b}.safetensors"},
+             title="Face ID: right person", color=BOLID),
+        Node(16, "SolidMask", (-780, 60), {"value": 0.0, "width": width, "height": height}, title="Empty mask"),
+        Node(17, "SolidMask", (-780, 240), {"value": 1.0, "width": width // 2, "height": height},
+             title="Half-width mask"),
+        Node(18, "MaskComposite", (-780, 420), {"x": 0, "y": 0, "operation": "add"}, title="Left half"),
+        Node(19, "InvertMask", (-780, 620), title="Right half"),
+        _note(20, (820, 740), FILES_NOTE.format(
+            ckpt=SD15_CKPT, adapter=ADAPTER_SD15,
+            more=f"- `models/bolid_body_ids/{a}.safetensors`, `{b}.safetensors` (photos_to_body_id, once per person)\n"
+                 f"- `models/bolid_face_ids/{a}.safetensors`, `{b}.safetensors` (Encode Face -> Save Face ID)\n\n"
+                 "**Two people, two identities**: each Apply Adapter (BoLID) adds one person's face and body "
+                 "inside its attn_mask only; the second one patches the model the first one returned. The masks "
+                 f"split the {width}x{height} image into left and right halves and must not overlap. Draw other "
+                 "regions with the mask editor (Load Image -> MASK), and give a branch its own region with "
+                 "attn_mask_face / attn_mask_body. The prompt describes both people's scene and clothing.\n"),
+            size=(400, 380)),
+    ]
+    links += [
+        (10, "MODEL", 11, "model"), (2, "bolid_adapter", 11, "bolid_adapter"), (11, "MODEL", 7, "model"),
+        (12, "body_id", 10, "body_id"), (13, "face_embeds", 10, "face_embeds"), (18, "MASK", 10, "attn_mask"),
+        (14, "body_id", 11, "body_id"), (15, "face_embeds", 11, "face_embeds"), (19, "MASK", 11, "attn_mask"),
+        (16, "MASK", 18, "destination"), (17, "MASK", 18, "source"), (18, "MASK", 19, "mask"),
+    ]
+    return Workflow("two_people_regional_sd15", "Two people, two identities (regional masks) -> SD1.5", nodes, links)
+
+
 WORKFLOW_BUILDERS = (text_only_sdxl_lightning, photo_face_body_sdxl_lightning, photos_to_body_id,
-                     photo_face_body_sd15, pose_controlnet_body_id_sd15, faceid_face_only_sd15, faceid_face_only_sdxl)
+                     photo_face_body_sd15, pose_controlnet_body_id_sd15, faceid_face_only_sd15, faceid_face_only_sdxl,
+                     two_people_regional_sd15)
 
 
 def build_all(specs: dict[str, NodeSpec] | None = None) -> dict[Path, str]:
