@@ -324,19 +324,19 @@ def two_people_regional_sd15() -> Workflow:
                     positive=TWO_PEOPLE_PROMPT)
     apply_left = _apply(wf, (420, 60), face=0.8, body=0.8, title="Apply Adapter (BoLID): left person")
     apply_right = _apply(wf, (420, 420), face=0.8, body=0.8, title="Apply Adapter (BoLID): right person")
-    body_left = wf.add("BoLIDLoadBodyID", (-380, 60), {"body_id_name": f"{a}.safetensors"},
+    body_left = wf.add("BoLIDLoadBodyID", (-340, 60), {"body_id_name": f"{a}.safetensors"},
                        title="Body ID: left person", color=BOLID)
-    face_left = wf.add("BoLIDLoadFaceID", (-380, 180), {"face_id_name": f"{a}.safetensors"},
+    face_left = wf.add("BoLIDLoadFaceID", (-340, 180), {"face_id_name": f"{a}.safetensors"},
                        title="Face ID: left person", color=BOLID)
-    body_right = wf.add("BoLIDLoadBodyID", (-380, 420), {"body_id_name": f"{b}.safetensors"},
+    body_right = wf.add("BoLIDLoadBodyID", (-340, 420), {"body_id_name": f"{b}.safetensors"},
                         title="Body ID: right person", color=BOLID)
-    face_right = wf.add("BoLIDLoadFaceID", (-380, 540), {"face_id_name": f"{b}.safetensors"},
+    face_right = wf.add("BoLIDLoadFaceID", (-340, 540), {"face_id_name": f"{b}.safetensors"},
                         title="Face ID: right person", color=BOLID)
-    empty = wf.add("SolidMask", (-780, 60), {"value": 0.0, "width": width, "height": height}, title="Empty mask")
-    half = wf.add("SolidMask", (-780, 240), {"value": 1.0, "width": width // 2, "height": height},
+    empty = wf.add("SolidMask", (40, 360), {"value": 0.0, "width": width, "height": height}, title="Empty mask")
+    half = wf.add("SolidMask", (40, 540), {"value": 1.0, "width": width // 2, "height": height},
                   title="Half-width mask")
-    left = wf.add("MaskComposite", (-780, 420), {"x": 0, "y": 0, "operation": "add"}, title="Left half")
-    right = wf.add("InvertMask", (-780, 620), title="Right half")
+    left = wf.add("MaskComposite", (40, 720), {"x": 0, "y": 0, "operation": "add"}, title="Left half")
+    right = wf.add("InvertMask", (40, 920), title="Right half")
     _note(wf, (820, 740), FILES_NOTE.format(
         ckpt=SD15_CKPT, adapter=ADAPTER_SD15,
         more=f"- `models/bolid_body_ids/{a}.safetensors`, `{b}.safetensors` (photos_to_body_id, once per person)\n"

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                 start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 600  # a busy machine starts ComfyUI slowly
             while True:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("ComfyUI did not start:\n" + (Path(tmp) / "comfyui.log").read_text()[-3000:])
