@@ -1,16 +1,17 @@
-"""Shared test fixtures: load the pack the way ComfyUI does, and find an optional real ComfyUI checkout."""
+"""Shared test fixtures: the pack loaded the way ComfyUI does, the stand-in ``folder_paths``
+(tests/comfy_standin.py), and an optional real ComfyUI checkout."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
+import comfy_standin
 import pytest
+from comfy_standin import REPO_ROOT, load_pack
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_MODULE_NAME = "bolid_pack"
+__all__ = ["REPO_ROOT", "comfyui_path", "load_pack"]
 
 
 def comfyui_path() -> Path | None:
@@ -22,22 +23,20 @@ def comfyui_path() -> Path | None:
     return path if (path / "comfy").is_dir() and (path / "folder_paths.py").is_file() else None
 
 
-def load_pack():
-    """Import the repository as a package, as ComfyUI's custom-node loader does (folder + __init__.py)."""
-    if PACK_MODULE_NAME in sys.modules:
-        return sys.modules[PACK_MODULE_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_MODULE_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE_NAME] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def pack():
     return load_pack()
+
+
+@pytest.fixture
+def install_folder_paths(monkeypatch):
+    """Installs the stand-in ``folder_paths`` (comfy_standin.folder_paths arguments) for one test; returns it."""
+    def install(models_dir, **kwargs):
+        fp = comfy_standin.folder_paths(models_dir, **kwargs)
+        monkeypatch.setitem(sys.modules, "folder_paths", fp)
+        return fp
+
+    return install
 
 
 @pytest.fixture(scope="session")

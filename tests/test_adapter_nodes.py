@@ -7,7 +7,6 @@ set_model_attn2_replace, get_model_object); the real thing is exercised in test_
 from __future__ import annotations
 
 import copy
-import sys
 import types
 
 import pytest
@@ -72,29 +71,10 @@ class FakeModelPatcher:
 
 
 @pytest.fixture()
-def folders(tmp_path, monkeypatch):
-    """A stand-in for ComfyUI's folder_paths rooted at tmp_path."""
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(tmp_path / "models")
-    fp.folder_names_and_paths = {"bolid": ([str(tmp_path / "extra")], set())}
-
-    def get_folder_paths(name):
-        return list(fp.folder_names_and_paths[name][0])
-
-    def get_filename_list(name):
-        paths, exts = fp.folder_names_and_paths[name]
-        return sorted(p.name for d in paths for p in sorted(__import__("pathlib").Path(d).glob("*"))
-                      if not exts or p.suffix in exts)
-
-    def get_full_path(name, filename):
-        for d in fp.folder_names_and_paths[name][0]:
-            candidate = __import__("pathlib").Path(d) / filename
-            if candidate.is_file():
-                return str(candidate)
-        return None
-
-    fp.get_folder_paths, fp.get_filename_list, fp.get_full_path = get_folder_paths, get_filename_list, get_full_path
-    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+def folders(tmp_path, install_folder_paths):
+    """The stand-in folder_paths rooted at tmp_path, with a "bolid" path configured elsewhere (as
+    extra_model_paths.yaml would) and no extensions yet."""
+    fp = install_folder_paths(tmp_path / "models", folders={"bolid": ([str(tmp_path / "extra")], set())})
     (tmp_path / "extra").mkdir()
     return fp, tmp_path / "extra"
 

@@ -16,7 +16,6 @@ import random
 import re
 import shutil
 import struct
-import sys
 import types
 from pathlib import Path
 
@@ -42,23 +41,9 @@ def _helpers(name: str):
 
 
 @pytest.fixture
-def folders(tmp_path, monkeypatch):
-    """A stand-in for ComfyUI's folder_paths (so INPUT_TYPES, which lists model files, can run)."""
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(tmp_path / "models")
-    fp.folder_names_and_paths = {}
-    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
-    fp.get_filename_list = lambda name: sorted(
-        p.name for d in fp.folder_names_and_paths[name][0] if Path(d).is_dir() for p in Path(d).iterdir())
-
-    def get_full_path(name, filename):
-        for d in fp.folder_names_and_paths[name][0]:
-            if (Path(d) / filename).is_file():
-                return str(Path(d) / filename)
-        return None
-
-    fp.get_full_path = get_full_path
-    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+def folders(tmp_path, install_folder_paths):
+    """The stand-in folder_paths (so INPUT_TYPES, which lists model files, can run)."""
+    install_folder_paths(tmp_path / "models")
     return tmp_path / "models"
 
 

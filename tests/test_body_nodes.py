@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,28 +18,9 @@ NODE_IDS = ("BoLIDLoadBodyEncoder", "BoLIDEncodeBodyFromImages", "BoLIDSaveBodyI
 
 
 @pytest.fixture
-def folders(tmp_path, monkeypatch):
-    """A stand-in for ComfyUI's folder_paths rooted at tmp_path/models."""
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(tmp_path / "models")
-    fp.folder_names_and_paths = {}
-
-    def get_folder_paths(name):
-        return list(fp.folder_names_and_paths[name][0])
-
-    def get_filename_list(name):
-        paths, exts = fp.folder_names_and_paths[name]
-        return sorted(p.name for d in paths for p in Path(d).glob("*") if p.suffix in exts)
-
-    def get_full_path(name, filename):
-        for d in fp.folder_names_and_paths[name][0]:
-            candidate = Path(d) / filename
-            if candidate.is_file():
-                return str(candidate)
-        return None
-
-    fp.get_folder_paths, fp.get_filename_list, fp.get_full_path = get_folder_paths, get_filename_list, get_full_path
-    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+def folders(tmp_path, install_folder_paths):
+    """The stand-in folder_paths rooted at tmp_path/models."""
+    install_folder_paths(tmp_path / "models")
     for sub in ("bolid", "bolid_body_ids"):
         (tmp_path / "models" / sub).mkdir(parents=True)
     return tmp_path / "models"
@@ -308,7 +288,7 @@ def _full_body(w: int, h: int) -> PersonPose:
     return PersonPose(box=np.array([kp[:, 0].min() - 2, 0.0, kp[:, 0].max() + 2, h - 1.0]), score=0.9, keypoints=kp)
 
 
-def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, loaded, tmp_path, monkeypatch):
+def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, loaded, tmp_path, monkeypatch, install_folder_paths):
     """A portrait and a landscape photo, loaded from a folder under input/ and handed on as a list: the pose
     model and the encoder see each full photo (no resize, no crop), and both full bodies (head at the top edge,
     feet at the bottom edge) are inside the views the identity is encoded from."""
@@ -323,9 +303,7 @@ def test_photo_set_of_any_size_uses_each_whole_photo(pack, nodes, loaded, tmp_pa
     for name, arr in photos.items():
         Image.fromarray(arr).save(folder / name)
     (folder / "notes.txt").write_text("not an image")
-    fp = sys.modules["folder_paths"] if "folder_paths" in sys.modules else types.ModuleType("folder_paths")
-    monkeypatch.setitem(sys.modules, "folder_paths", fp)
-    monkeypatch.setattr(fp, "get_input_directory", lambda: str(tmp_path / "input"), raising=False)
+    install_folder_paths(tmp_path / "models", input_dir=tmp_path / "input")
     assert image_nodes.LoadImagesFromFolder.INPUT_TYPES()["required"]["folder"][0] == ["me"]
     images, names = image_nodes.LoadImagesFromFolder().load("me")
     assert names == list(photos)

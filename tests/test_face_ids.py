@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,17 +13,8 @@ def fio(pack):
 
 
 @pytest.fixture
-def face_nodes(pack, tmp_path, monkeypatch):
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(tmp_path / "models")
-    fp.folder_names_and_paths = {}
-    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
-    fp.get_filename_list = lambda name: sorted(p.name for d in fp.folder_names_and_paths[name][0]
-                                               if Path(d).is_dir() for p in Path(d).iterdir()
-                                               if p.suffix in fp.folder_names_and_paths[name][1])
-    fp.get_full_path = lambda name, filename: next((str(Path(d) / filename) for d in fp.folder_names_and_paths[name][0]
-                                                    if (Path(d) / filename).is_file()), None)
-    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+def face_nodes(pack, tmp_path, install_folder_paths):
+    install_folder_paths(tmp_path / "models")
     (tmp_path / "models" / "bolid_face_ids").mkdir(parents=True)
     return pack.nodes.face_nodes
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,29 +18,6 @@ def _helpers(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def make_folder_paths(models_dir: Path) -> types.ModuleType:
-    """The part of ComfyUI's folder_paths that the nodes use."""
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(models_dir)
-    fp.folder_names_and_paths = {}
-
-    def get_folder_paths(name):
-        return list(fp.folder_names_and_paths[name][0])
-
-    def get_filename_list(name):
-        paths, exts = fp.folder_names_and_paths[name]
-        return sorted(p.name for d in paths if Path(d).is_dir() for p in Path(d).iterdir() if p.suffix in exts)
-
-    def get_full_path(name, filename):
-        for d in fp.folder_names_and_paths[name][0]:
-            if (Path(d) / filename).is_file():
-                return str(Path(d) / filename)
-        return None
-
-    fp.get_folder_paths, fp.get_filename_list, fp.get_full_path = get_folder_paths, get_filename_list, get_full_path
-    return fp
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +37,8 @@ def comfy_models(tmp_path_factory):
 
 
 @pytest.fixture
-def nodes(pack, comfy_models, monkeypatch):
-    monkeypatch.setitem(sys.modules, "folder_paths", make_folder_paths(comfy_models["dir"]))
+def nodes(pack, comfy_models, install_folder_paths):
+    install_folder_paths(comfy_models["dir"])
     return pack.nodes.perception_nodes
 
 

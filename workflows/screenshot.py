@@ -30,7 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDERS = ("checkpoints/sdxl_lightning_4step.safetensors", "checkpoints/v1-5-pruned-emaonly.safetensors",
                 "bolid/bolid_sdxl.safetensors", "bolid/bolid_sd15.safetensors", "bolid/bolid_body_encoder.safetensors",
                 "bolid_pose/yolo11n-pose.onnx", "bolid_body_ids/my_body.safetensors",
-                "insightface/models/antelopev2/scrfd_10g_bnkps.onnx")
+                "insightface/models/antelopev2/scrfd_10g_bnkps.onnx", "checkpoints/sd_xl_base_1.0.safetensors",
+                "controlnet/control_v11p_sd15_openpose.safetensors",
+                "bolid/bolid_ip-adapter-faceid_sd15.safetensors", "bolid/bolid_ip-adapter-faceid_sdxl.safetensors",
+                "loras/ip-adapter-faceid_sd15_lora.safetensors", "loras/ip-adapter-faceid_sdxl_lora.safetensors",
+                "bolid_body_ids/person_a.safetensors", "bolid_body_ids/person_b.safetensors",
+                "bolid_face_ids/person_a.safetensors", "bolid_face_ids/person_b.safetensors")
 
 
 def _free_port() -> int:
@@ -59,7 +64,8 @@ def _prepare_base(base: Path) -> None:
         photo = skimage.data.astronaut()
     except ImportError:
         photo = np.full((512, 512, 3), 128, np.uint8)
-    Image.fromarray(photo).save(base / "input" / "person.png")
+    for name in ("person.png", "pose_reference.png"):  # the photos the workflows preselect
+        Image.fromarray(photo).save(base / "input" / name)
     (base / "input" / "my_person").mkdir()  # the photo folder photos_to_body_id preselects
     for name in ("person_1.png", "person_2.png"):
         Image.fromarray(photo).save(base / "input" / "my_person" / name)
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                 start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 600  # a busy machine starts ComfyUI slowly
             while True:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("ComfyUI did not start:\n" + (Path(tmp) / "comfyui.log").read_text()[-3000:])
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 page.goto(url, wait_until="networkidle", timeout=120_000)
                 page.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=120_000)
                 for name, out in shots:
-                    workflow = json.loads((REPO / "workflows" / "ui" / f"{name}.json").read_text())
+                    workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
                     page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }",
                                   [workflow, f"{name}.json"])
                     page.wait_for_timeout(4000)
@@ -145,7 +151,7 @@ def schematic(name: str, out: Path, size: tuple[int, int] = (768, 438)) -> None:
     machines without Chromium; the real editor screenshot (--thumbnails) replaces it where one is available."""
     from PIL import Image, ImageDraw, ImageFont
 
-    ui = json.loads((REPO / "workflows" / "ui" / f"{name}.json").read_text())
+    ui = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
     nodes = {n["id"]: n for n in ui["nodes"]}
     x0 = min(n["pos"][0] for n in nodes.values()) - 20
     y0 = min(n["pos"][1] for n in nodes.values()) - 50
