@@ -18,6 +18,9 @@ ADAPTER_SD15 = "bolid_sd15.safetensors"
 BODY_ENCODER = "bolid_body_encoder.safetensors"
 POSE_MODEL = "yolo11n-pose.onnx"
 FACE_PACK = "antelopev2"
+# IP-Adapter FaceID was trained on buffalo_l's ArcFace (w600k_r50); antelopev2's recogniser (glintr100) gives other
+# embeddings, so the FaceID workflows preselect buffalo_l
+FACEID_FACE_PACK = "buffalo_l"
 BODY_ID_NAME = "my_body"
 PHOTO = "person.png"
 SDXL_BASE_CKPT = "sd_xl_base_1.0.safetensors"
@@ -284,7 +287,7 @@ def _faceid_face_only(family: str) -> Workflow:
                   title="FaceID LoRA", models=model_metadata(lora_name))
     apply = _apply(wf, (420, 60), face=0.8, body=0.0)
     photo = wf.add("LoadImage", (-420, 200), {"image": PHOTO}, title="Photo of the face", size=(340, 420))
-    face_model = wf.add("BoLIDLoadInsightFace", (-420, 60), {"model_name": FACE_PACK, "provider": "auto"},
+    face_model = wf.add("BoLIDLoadInsightFace", (-420, 60), {"model_name": FACEID_FACE_PACK, "provider": "auto"},
                         color=BOLID)
     face = wf.add("BoLIDEncodeFace", (420, 360), {"no_face": "error"}, color=BOLID)
     _note(wf, (40, 500), f"""**Face identity from public files, no training.**
@@ -293,7 +296,7 @@ def _faceid_face_only(family: str) -> Workflow:
 2. FaceID: download `{FACEID_BIN[family]}` (h94/IP-Adapter-FaceID, the non-Plus file) and import it once:
    `python -m bolid.faceid import {FACEID_BIN[family]} --out ComfyUI/models/bolid` -> `models/bolid/{adapter}`
 3. `models/loras/{lora_name}` (same repository)
-4. `models/insightface/models/{FACE_PACK}/` (detector + ArcFace .onnx; buffalo_l works too)
+4. `models/insightface/models/{FACEID_FACE_PACK}/` (detector + ArcFace .onnx: FaceID was trained on buffalo_l's ArcFace)
 
 The body branch is absent in an imported FaceID file (weight_body is ignored); stage-2 training adds it.
 Prompts describe the scene, not the face.""", size=(440, 360))
