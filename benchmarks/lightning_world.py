@@ -13,8 +13,8 @@ guidance 1.5) and with the K-step sampler, and the experiment's readout and stat
 own - others and caption attributes (person-clustered bootstrap CIs, permutation p-values, paired differences
 against the one-step adapter and against text only). Writes ``results.json`` and ``run.log`` to ``--out``.
 
-It reuses the experiment's public functions (:mod:`training.experiment`); only the adapter training is a thin
-wrapper here, because ``stages.train_adapter`` has no Lightning option.
+It reuses the experiment's public functions (:mod:`training.experiment`), including ``stages.train_adapter`` with
+its ``lightning`` option, so every arm trains by the experiment's own recipe.
 """
 
 from __future__ import annotations
@@ -48,44 +48,12 @@ from training.experiment.stages import (  # noqa: E402
     render_world,
     run_stage1,
     stage2_identities,
+    train_adapter,
 )
 from training.experiment.world_models import make_train_scheduler, to_uint8  # noqa: E402
 from training.lightning_branch import LightningConfig, trailing_timesteps  # noqa: E402
 
 logger = logging.getLogger("bolid.lightning_world")
-
-
-def train_arm(cfg: ExperimentConfig, identities: list[Any], body_dim: int, unet: torch.nn.Module, text: Any,
-              pose: Any, id_weight: float, lightning: LightningConfig) -> tuple[Any, list[dict]]:
-    """``stages.train_adapter``'s recipe (same components, sampling, init seed, optimiser settings) plus the
-    Lightning option of stage 2."""
-    from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
-    from training.stage2_core import (
-        LossConfig,
-        SamplingConfig,
-        Stage2Components,
-        Stage2Data,
-        Stage2TrainingConfig,
-        train_stage2_loop,
-    )
-
-    s2 = cfg.stage2
-    components = Stage2Components(unet=unet, noise_scheduler=make_train_scheduler(), vae=None,
-                                  encode_text=lambda caps: (text(list(caps)), None), pose_net=pose.pose_net,
-                                  base_model="synthetic-world-base")
-    sampling = SamplingConfig(max_context_views=s2.max_context_views, seed=cfg.seed, drop_text=s2.drop_text,
-                              drop_face=0.0, drop_body=s2.drop_body, drop_all=s2.drop_all)
-    data = Stage2Data(identities, sampling, components=components)
-    torch.manual_seed(cfg.seed)
-    adapter = init_adapter_from_unet(unet, adapter_config_for_unet(unet, body_dim=body_dim,
-                                                                   body_tokens=s2.body_tokens, face_tokens=1))
-    tc = Stage2TrainingConfig(max_steps=s2.max_steps, batch_size=s2.batch_size, learning_rate=s2.learning_rate,
-                              warmup_steps=s2.warmup_steps, lr_schedule="cosine", report_to="none",
-                              export_ip_adapter=False)
-    lc = LossConfig(id_weight=id_weight, id_max_timestep=s2.id_max_timestep, weight_face=0.0, weight_body=1.0)
-    result = train_stage2_loop(components, adapter, data, tc, lc, output_dir=None, seed=cfg.seed,
-                               lightning=lightning)
-    return result["adapter"].eval().requires_grad_(False), result["losses"]
 
 
 @torch.no_grad()
@@ -203,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     adapters, train_losses = {}, {}
     for key, (id_weight, lcfg) in plan.items():
         t0 = time.time()
-        adapters[key], losses = train_arm(cfg, identities, dim, unet, text, pose, id_weight, lcfg)
+        adapters[key], losses = train_adapter(cfg, identities, dim, unet, text, pose, id_weight, lightning=lcfg)
         timings[f"stage2_{key}"] = round(time.time() - t0, 1)
         rows = [h for h in losses if h["id_rows"] > 0]
         train_losses[key] = {"final_loss_mean_last20": float(np.mean([h["loss"] for h in losses[-20:]])),

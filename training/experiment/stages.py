@@ -201,8 +201,9 @@ class TargetInContext:
 
 def train_adapter(cfg: ExperimentConfig, identities: list[Any], body_dim: int, unet: torch.nn.Module,
                   text: CaptionEncoder, pose: WorldPose, id_weight: float | None = None,
-                  target_in_context: bool = False) -> tuple[Any, list[dict]]:
-    """One adapter by stage 2's recipe; the face branch (off in generation) is frozen (weight_face = 0)."""
+                  target_in_context: bool = False, lightning: Any = None) -> tuple[Any, list[dict]]:
+    """One adapter by stage 2's recipe; the face branch (off in generation) is frozen (weight_face = 0).
+    ``lightning``: a :class:`training.lightning_branch.LightningConfig` (None: the one-step x0 of stage 2's default)."""
     from training.stage2_core import (
         LossConfig,
         SamplingConfig,
@@ -229,7 +230,7 @@ def train_adapter(cfg: ExperimentConfig, identities: list[Any], body_dim: int, u
                               export_ip_adapter=False)
     lc = LossConfig(id_weight=s2.id_weight if id_weight is None else id_weight, id_max_timestep=s2.id_max_timestep,
                     weight_face=0.0, weight_body=1.0)
-    result = train_stage2_loop(components, adapter, data, tc, lc, output_dir=None, seed=cfg.seed)
+    result = train_stage2_loop(components, adapter, data, tc, lc, output_dir=None, seed=cfg.seed, lightning=lightning)
     return result["adapter"].eval().requires_grad_(False), result["losses"]
 
 
