@@ -25,9 +25,8 @@ from bolid.safetensors_io import atomic_write_text
 
 from . import stats
 from .config import ExperimentConfig
-from .run import generation_rows
+from .run import generation_rows, measure, references_of
 from .stages import generate, load_world_models, render_world
-from .world_models import ATTRIBUTES
 
 logger = logging.getLogger("bolid.experiment")
 DEFAULT_GUIDANCE = (1.0, 1.25, 1.5, 2.0, 3.0)
@@ -42,13 +41,14 @@ def sweep(cfg: ExperimentConfig, guidances: tuple[float, ...], step_counts: tupl
     rows = generation_rows(cfg, world, sorted(world.heldout))
     train_features = pose.read(np.stack([p.image for ps in world.train.values() for p in ps])).features
 
+    refs = references_of(world, pose, cfg.seed)
+
     def quality(images: np.ndarray) -> dict:
         read = pose.read(images)
-        attrs = np.array([np.mean([r[k] == t[k] for k in ATTRIBUTES])
-                          for r, t in zip(read.attributes, rows.truth_attributes, strict=True)])
+        m = measure(read, rows.person, refs, rows.truth_attributes)  # the experiment's own per-image measures
         kw = {"n_boot": cfg.stats.n_boot, "ci": cfg.stats.ci, "seed": cfg.seed}
-        return {"failed_render": stats.summarise(read.failed.astype(float), rows.person, **kw)["mean"],
-                "caption_attributes": float(attrs.mean()),
+        return {"failed_render": stats.summarise(m["failed_render"], rows.person, **kw)["mean"],
+                "caption_attributes": float(m["caption_attributes"].mean()),
                 "fid_pose_features": fid_from_features(train_features, read.features)}
 
     real = quality(np.stack(rows.target_images))
