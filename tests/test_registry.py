@@ -1,8 +1,9 @@
 """Comfy Registry metadata (pyproject.toml) and what the published archive holds.
 
 comfy-cli (`comfy node pack` / `comfy node publish`) zips the git-tracked files minus the gitignore-style
-patterns of `.comfyignore`; it is not installed here (and not needed offline), so the archive's file list is
-computed the same way: ``git ls-files`` minus the patterns. Only two pattern forms are used, and checked to be
+patterns of `.comfyignore`. CI does not install it, so the archive's file list is computed the same way:
+``git ls-files`` minus the patterns; with ``COMFY_CLI=/path/to/comfy`` a gated test runs the real `comfy node
+validate` and `comfy node pack` (both offline) and checks that the zip holds exactly that list. Only two pattern forms are used, and checked to be
 the only ones: an anchored folder or file (``/tests/``, ``/requirements-dev.txt``) and a file-name glob
 (``*.pt``).
 """
@@ -10,9 +11,11 @@ the only ones: an anchored folder or file (``/tests/``, ``/requirements-dev.txt`
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
+import zipfile
 
 import pytest
 from conftest import REPO_ROOT
@@ -91,7 +94,8 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     return False
 
 
-def test_published_archive_holds_the_nodes_and_nothing_for_development():
+def _archive_listing() -> list[str]:
+    """The files comfy-cli would pack: git-tracked, present, not matched by `.comfyignore`."""
     patterns = _ignore_patterns()
     for pattern in patterns:
         assert re.fullmatch(r"/[\w./-]+|\*\.[\w]+", pattern), f"unsupported .comfyignore pattern form: {pattern}"
@@ -99,7 +103,11 @@ def test_published_archive_holds_the_nodes_and_nothing_for_development():
         pytest.skip("not a git checkout: comfy-cli packs the git-tracked files")
     tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files"], capture_output=True, text=True,
                              check=True).stdout.split()
-    archive = [p for p in tracked if (REPO_ROOT / p).exists() and not _ignored(p, patterns)]
+    return [p for p in tracked if (REPO_ROOT / p).exists() and not _ignored(p, patterns)]
+
+
+def test_published_archive_holds_the_nodes_and_nothing_for_development():
+    archive = _archive_listing()
     for prefix in ("tests/", "training/", "benchmarks/", ".ci/"):
         assert not any(p.startswith(prefix) for p in archive), prefix
     assert not any(p.endswith((".pt", ".pth", ".bin", ".ckpt", ".onnx")) for p in archive)
@@ -113,3 +121,21 @@ def test_published_archive_holds_the_nodes_and_nothing_for_development():
         if path.endswith(".py"):
             text = (REPO_ROOT / path).read_text()
             assert not re.search(r"^\s*(from|import)\s+\.*(training|tests|benchmarks)\b", text, re.M), path
+
+
+@pytest.mark.skipif(not os.environ.get("COMFY_CLI"), reason="set COMFY_CLI=/path/to/comfy (pip install comfy-cli)")
+def test_comfy_cli_validates_and_packs_exactly_the_computed_archive(tmp_path):
+    """Gated: the real comfy-cli (offline: `validate` and `pack` need no network) accepts pyproject.toml and packs
+    the same files as the listing above, from a clean clone of the committed tree (no untracked files)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+    env = {**os.environ, "DO_NOT_TRACK": "1"}
+    cli = [os.environ["COMFY_CLI"], "--skip-prompt", "--no-enable-telemetry", "node"]
+    validated = subprocess.run([*cli, "validate"], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert validated.returncode == 0 and "passed" in validated.stdout + validated.stderr, validated.stdout + validated.stderr
+    subprocess.run([*cli, "pack"], cwd=clone, env=env, capture_output=True, text=True, timeout=300, check=True)
+    packed = zipfile.ZipFile(clone / "node.zip").namelist()
+    committed = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-tree", "-r", "--name-only", "HEAD"],
+                               capture_output=True, text=True, check=True).stdout.split()
+    expected = sorted(set(_archive_listing()) & set(committed))
+    assert sorted(p for p in packed if not p.endswith("/")) == expected
