@@ -20,6 +20,7 @@ sampled every 5 ms by a thread (an estimate: the allocator may keep freed memory
 when the one-step call's own peak is at least 50 MB (below that it is allocator noise).
 
     python benchmarks/train_step.py --lightning [--sizes sd15] [--k 4] [--rounds 3] [--latent 8] [--batch 2]
+        [--out benchmarks/results/train_step_lightning_cpu.json]
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from bolid.safetensors_io import atomic_write_text  # noqa: E402
 
 
 def sd15_components():
@@ -240,12 +243,23 @@ def run_lightning(size: str, k: int, rounds: int, latent: int, batch: int, devic
             "rows": table}
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main_lightning(args: argparse.Namespace) -> int:
     results = []
     for size in args.sizes.split(","):
         res = run_lightning(size, args.k, args.rounds, args.latent, args.batch, args.device)
         results.append(res)
         print(json.dumps(res), flush=True)
+    if args.out:
+        setup = {"cpu_cores": os.cpu_count(), "device": args.device, "batch": args.batch, "latent": args.latent,
+                 "k": args.k, "rounds": args.rounds, "load_average_at_end": os.getloadavg(),
+                 "torch_threads": _torch_threads()}
+        atomic_write_text(Path(args.out), json.dumps({"setup": setup, "sizes": results}, indent=1))
     print(f"\n{os.cpu_count()} CPU cores, device {args.device}, batch {args.batch}, latent {args.latent}x{args.latent}, "
           f"{args.rounds} interleaved rounds after 1 warm-up; ratios vs the one-step x0 within each round")
     print(f"{'model':6} {'variant':34} {'s/step':>8} {'time ratio (min..max)':>24} {'peak MB':>9} {'mem ratio':>9}")
@@ -268,6 +282,7 @@ def main() -> int:
     parser.add_argument("--lightning", action="store_true", help="time the Lightning branch beside the one-step x0")
     parser.add_argument("--k", type=int, default=4, help="--lightning: steps of the branch")
     parser.add_argument("--rounds", type=int, default=3, help="--lightning: interleaved rounds")
+    parser.add_argument("--out", default="", help="--lightning: also write the figures and the setup as JSON here")
     args = parser.parse_args()
     if args.device.startswith("cuda"):
         import torch
