@@ -13,8 +13,9 @@ guidance 1.5) and with the K-step sampler, and the experiment's readout and stat
 own - others and caption attributes (person-clustered bootstrap CIs, permutation p-values, paired differences
 against the one-step adapter and against text only). Writes ``results.json`` and ``run.log`` to ``--out``.
 
-It reuses the experiment's public functions (:mod:`training.experiment`), including ``stages.train_adapter`` with
-its ``lightning`` option, so every arm trains by the experiment's own recipe.
+It reuses the experiment's public functions (:mod:`training.experiment`): its arms are experiment conditions
+(``conditions.Condition``, with the ``lightning`` option of their adapter recipe) trained by ``run.train_adapters``,
+so every arm trains by the experiment's own recipe.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,19 +36,19 @@ sys.path.insert(0, str(REPO))
 
 from bolid.identity import no_identity_like  # noqa: E402
 from bolid.safetensors_io import atomic_write_text  # noqa: E402
-from bolid.synthetic import ORACLE_DIM  # noqa: E402
 from training.experiment import stats  # noqa: E402
+from training.experiment.analysis import analyse_arm, generation_rows, measure, references_of  # noqa: E402
+from training.experiment.conditions import TEXT, AdapterRecipe, Condition, TrainingBody  # noqa: E402
 from training.experiment.config import ExperimentConfig  # noqa: E402
-from training.experiment.run import analyse_arm, measure, references_of  # noqa: E402
+from training.experiment.report import json_default, num  # noqa: E402
+from training.experiment.run import Laps, row_bodies, train_adapters  # noqa: E402
 from training.experiment.stages import (  # noqa: E402
-    body_of,
     generate,
+    heldout_body,
     initial_noise,
     load_world_models,
     render_world,
     run_stage1,
-    stage2_identities,
-    train_adapter,
 )
 from training.experiment.world_models import make_train_scheduler, to_uint8  # noqa: E402
 from training.lightning_branch import LightningConfig, trailing_timesteps  # noqa: E402
@@ -85,33 +85,31 @@ def generate_few_step(unet: torch.nn.Module, text: Any, captions: list[str], see
     return to_uint8(x.clamp(-1, 1))
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def arms_for(body: TrainingBody, lightning: LightningConfig) -> tuple[Condition, Condition, Condition]:
+    """The three adapters, all with ``body`` (the config's id_weight unless switched off): L_id on the one-step
+    x0, L_id on the ``lightning`` branch's image, no L_id. Text only (:data:`TEXT`) is the fourth arm."""
+    def arm(key: str, label: str, id_weight: float | None, lcfg: LightningConfig) -> Condition:
+        return Condition(key, label, AdapterRecipe(key, body, id_weight, lightning=lcfg), body.heldout_body)
 
-
-def _num(d: Any, *keys: str) -> float | None:
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None:
-            return None
-        d = d[k]
-    return float(d)
+    return (arm("one_step", "L_id on the one-step x0", None, LightningConfig()),
+            arm("lightning", "L_id on a K-step Lightning image", None, lightning),
+            arm("no_id", "no L_id (id_weight 0)", 0.0, LightningConfig()))
 
 
 def headline(res: dict[str, Any]) -> dict[str, Any]:
-    """The figures the README quotes, per arm."""
+    """The figures the README quotes, per arm (None where a statistic is undefined)."""
+    def value(*keys: str) -> float | None:
+        return num(res, *keys, missing=None)
+
     return {
         "body_error_median": res["summary"]["body_error"].get("median"),
-        "body_error_mean": _num(res, "summary", "body_error", "mean", "estimate"),
-        "body_own_minus_others": _num(res, "body_own_minus_others", "mean", "estimate"),
-        "body_own_minus_others_p": _num(res, "body_own_minus_others", "p_value"),
-        "appearance_identification_top1": _num(res, "appearance_identification", "top1"),
-        "appearance_identification_p": _num(res, "appearance_identification", "p_value"),
-        "caption_attributes_mean": _num(res, "summary", "caption_attributes", "mean", "estimate"),
-        "failed_render_mean": _num(res, "summary", "failed_render", "mean", "estimate"),
+        "body_error_mean": value("summary", "body_error", "mean", "estimate"),
+        "body_own_minus_others": value("body_own_minus_others", "mean", "estimate"),
+        "body_own_minus_others_p": value("body_own_minus_others", "p_value"),
+        "appearance_identification_top1": value("appearance_identification", "top1"),
+        "appearance_identification_p": value("appearance_identification", "p_value"),
+        "caption_attributes_mean": value("summary", "caption_attributes", "mean", "estimate"),
+        "failed_render_mean": value("summary", "failed_render", "mean", "estimate"),
     }
 
 
@@ -140,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         handlers=[logging.StreamHandler(), handler])
     torch.set_num_threads(args.threads)
-    overrides: dict[str, Any] = {"output_dir": str(out / "experiment"),
-                                 "sampling": {"steps": args.sample_steps, "guidance": args.guidance}}
+    overrides: dict[str, Any] = {"output_dir": str(out / "experiment"),  # one seed per (person, target caption)
+                                 "sampling": {"steps": args.sample_steps, "guidance": args.guidance,
+                                              "seeds_per_caption": 1}}
     if args.stage2_steps:
         overrides["stage2"] = {"max_steps": args.stage2_steps}
     world_opts = {k: v for k, v in (("heldout_identities", args.heldout),
@@ -152,91 +151,76 @@ def main(argv: list[str] | None = None) -> int:
     lightning = LightningConfig(x0_source="lightning", steps=args.k, every=args.every, max_rows=args.rows,
                                 guidance=args.branch_guidance, grad_steps="last")
     logger.info("config %s; %s", cfg.as_dict(), lightning.summary())
-    t_start = time.time()
-    timings: dict[str, float] = {}
+    laps = Laps()
     torch.manual_seed(cfg.seed)
     unet, text, pose = load_world_models(cfg.assets)
     world = render_world(cfg)
     names = sorted(world.heldout)
+    body = TrainingBody(args.body)
     encoder = None
-    if args.body == "bolid":
-        t0 = time.time()
-        encoder, _ = run_stage1(cfg, world, pose)
-        timings["stage1"] = round(time.time() - t0, 1)
-    identities = stage2_identities(world, pose, encoder, cfg.seed, args.body)
-    dim = ORACLE_DIM if args.body == "oracle" else encoder.latent_dim
-    plan = {"one_step": (cfg.stage2.id_weight, LightningConfig()),
-            "lightning": (cfg.stage2.id_weight, lightning),
-            "no_id": (0.0, LightningConfig())}
-    adapters, train_losses = {}, {}
-    for key, (id_weight, lcfg) in plan.items():
-        t0 = time.time()
-        adapters[key], losses = train_adapter(cfg, identities, dim, unet, text, pose, id_weight, lightning=lcfg)
-        timings[f"stage2_{key}"] = round(time.time() - t0, 1)
-        rows = [h for h in losses if h["id_rows"] > 0]
-        train_losses[key] = {"final_loss_mean_last20": float(np.mean([h["loss"] for h in losses[-20:]])),
-                             "diff_mean_last20": float(np.mean([h["diff"] for h in losses[-20:]])),
-                             "id_mean_where_computed": float(np.mean([h["id"] for h in rows])) if rows else None,
-                             "steps_with_id": len(rows)}
-        logger.info("stage 2 %s: %.1f s, %s", key, timings[f"stage2_{key}"], train_losses[key])
+    if body.uses_encoder:
+        with laps("stage1"):
+            encoder, _ = run_stage1(cfg, world, pose)
+    one_step, *others = arms = arms_for(body, lightning)
+    adapters, losses = train_adapters(cfg, [a.adapter for a in arms], world, encoder, unet, text, pose, laps)
+    train_losses = {}
+    for recipe, history in losses.items():
+        id_steps = [h for h in history if h["id_rows"] > 0]
+        train_losses[recipe.key] = {
+            "final_loss_mean_last20": float(np.mean([h["loss"] for h in history[-20:]])),
+            "diff_mean_last20": float(np.mean([h["diff"] for h in history[-20:]])),
+            "id_mean_where_computed": float(np.mean([h["id"] for h in id_steps])) if id_steps else None,
+            "steps_with_id": len(id_steps)}
+        logger.info("stage 2 %s: %.1f s, %s", recipe.key, laps.timings[f"stage2_{recipe.key}"],
+                    train_losses[recipe.key])
 
-    t0 = time.time()
-    person, captions, seeds, truth = [], [], [], []
-    for k, name in enumerate(names):
-        for j, tgt in enumerate(world.heldout[name].targets):
-            person.append(k)
-            captions.append(tgt.caption)
-            seeds.append(cfg.seed * 100_003 + k * 1000 + j * 10)
-            truth.append(tgt.attributes)
-    person_a = np.array(person)
-    if args.body == "oracle":
-        table = {n: torch.from_numpy(world.heldout[n].identity.oracle_vector()) for n in names}
-    else:
-        table = {n: body_of(encoder, world.heldout[n].references, pose) for n in names}
-    bodies = torch.stack([table[names[p]] for p in person]).float()
-    samplers = {"ddim": lambda a, b: generate(unet, text, captions, seeds, a, b, args.sample_steps, args.guidance),
-                "few_step": lambda a, b: generate_few_step(unet, text, captions, seeds, a, b, args.k, args.guidance)}
-    generated: dict[str, dict[str, np.ndarray]] = {}
-    for sname, fn in samplers.items():
-        generated[sname] = {"text": fn(None, None)}
-        for key, adapter in adapters.items():
-            generated[sname][key] = fn(adapter, bodies)
-    timings["generation"] = round(time.time() - t0, 1)
+    with laps("generation"):
+        rows = generation_rows(cfg, world, names)
+        captions, seeds = rows.captions, rows.seeds
+        table = {n: heldout_body(one_step.body, world.heldout[n], encoder, pose) for n in names}
+        bodies = row_bodies(table, names, rows.person).float()
+        samplers = {
+            "ddim": lambda a, b: generate(unet, text, captions, seeds, a, b, args.sample_steps, args.guidance),
+            "few_step": lambda a, b: generate_few_step(unet, text, captions, seeds, a, b, args.k, args.guidance)}
+        generated: dict[str, dict[Condition, np.ndarray]] = {}
+        for sname, fn in samplers.items():
+            generated[sname] = {TEXT: fn(None, None)}
+            for arm in arms:
+                generated[sname][arm] = fn(adapters[arm.adapter], bodies)
 
-    t0 = time.time()
-    refs = references_of(world, pose, cfg.seed)
-    real_features = pose.read(np.stack([p.image for ps in world.train.values() for p in ps])).features
-    kw = {"n_boot": cfg.stats.n_boot, "ci": cfg.stats.ci, "seed": cfg.seed}
-    results: dict[str, Any] = {"samplers": {}}
-    for sname, arms in generated.items():
-        measured, reads = {}, {}
-        for key, images in arms.items():
-            reads[key] = pose.read(images)
-            measured[key] = measure(reads[key], person_a, refs, truth)
-        per_arm = {}
-        for key in arms:
-            base = measured["text"] if key != "text" else None
-            res = analyse_arm(measured[key], person_a, reads[key].features, real_features, base, cfg)
-            if key in ("lightning", "no_id"):
-                res["vs_one_step"] = {m: stats.paired_difference(measured[key][m], measured["one_step"][m],
-                                                                 person_a, **kw)
-                                      for m in ("body_error", "caption_attributes")}
-            per_arm[key] = {"headline": headline(res), **res}
-        results["samplers"][sname] = per_arm
-    timings["metrics"] = round(time.time() - t0, 1)
-    timings["total"] = round(time.time() - t_start, 1)
+    with laps("metrics"):
+        refs = references_of(world, pose, cfg.seed)
+        real_features = pose.read(np.stack([p.image for ps in world.train.values() for p in ps])).features
+        kw = {"n_boot": cfg.stats.n_boot, "ci": cfg.stats.ci, "seed": cfg.seed}
+        results: dict[str, Any] = {"samplers": {}}
+        for sname, images_of in generated.items():
+            measured, reads = {}, {}
+            for arm, images in images_of.items():
+                reads[arm] = pose.read(images)
+                measured[arm] = measure(reads[arm], rows.person, refs, rows.truth_attributes)
+            per_arm = {}
+            for arm in images_of:
+                base = measured[TEXT] if arm.adapter is not None else None
+                res = analyse_arm(measured[arm], rows.person, reads[arm].features, real_features, base, cfg)
+                if arm in others:
+                    res["vs_one_step"] = {m: stats.paired_difference(measured[arm][m], measured[one_step][m],
+                                                                     rows.person, **kw)
+                                          for m in ("body_error", "caption_attributes")}
+                per_arm[arm.key] = {"headline": headline(res), **res}
+            results["samplers"][sname] = per_arm
+    total = laps.total()
     results.update({
         "setup": {"body": args.body, "k": args.k, "lightning": asdict(lightning), "sample_steps": args.sample_steps,
                   "guidance": args.guidance, "few_step_sampler": {"kind": "EulerDiscreteScheduler, trailing",
                                                                   "timesteps": trailing_timesteps(1000, args.k)},
-                  "heldout_people": len(names), "images_per_arm": len(person), "torch_threads": torch.get_num_threads(),
-                  "experiment_config": cfg.as_dict()},
-        "stage2": train_losses, "timings_s": timings})
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default))
+                  "heldout_people": len(names), "images_per_arm": len(rows.person),
+                  "torch_threads": torch.get_num_threads(), "experiment_config": cfg.as_dict()},
+        "stage2": train_losses, "timings_s": laps.timings})
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=json_default))
     for sname in results["samplers"]:
         for key, res in results["samplers"][sname].items():
-            logger.info("%s %s: %s", sname, key, json.dumps(res["headline"], default=_json_default))
-    logger.info("done in %.1f s: %s", timings["total"], out / "results.json")
+            logger.info("%s %s: %s", sname, key, json.dumps(res["headline"], default=json_default))
+    logger.info("done in %.1f s: %s", total, out / "results.json")
     return 0
 
 

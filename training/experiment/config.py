@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,16 @@ class StatsOptions:
 
 
 @dataclass(frozen=True)
+class TopLevel:
+    """The keys outside any table; paths are relative to the config file."""
+
+    output_dir: str = "../../outputs/experiment"
+    assets: str = "../experiment_assets"
+    seed: int = 0
+    threads: int = 0  # torch threads (0 = torch's default)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     output_dir: Path
     assets: Path
@@ -125,16 +135,17 @@ class ExperimentConfig:
             raw = tomllib.load(f)
         for key, value in (overrides or {}).items():
             raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-        known = {"output_dir", "assets", "seed", "threads", *cls.TABLES}
+        known = {f.name for f in fields(TopLevel)} | set(cls.TABLES)
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ExperimentConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
         base = path.parent
+        top = config_table(TopLevel, {k: v for k, v in raw.items() if k not in cls.TABLES}, "top level",
+                           ExperimentConfigError)
         tables = {name: config_table(kind, dict(raw.get(name, {})), name, ExperimentConfigError)
-                  for name, kind in cls.TABLES.items()}
-        return cls(output_dir=(base / raw.get("output_dir", "../../outputs/experiment")).resolve(),
-                   assets=(base / raw.get("assets", "../experiment_assets")).resolve(),
-                   seed=int(raw.get("seed", 0)), threads=int(raw.get("threads", 0)), **tables)
+                  for name, kind in cls.TABLES.items()}  # an absent table is all defaults
+        return cls(output_dir=(base / top.output_dir).resolve(), assets=(base / top.assets).resolve(),
+                   seed=int(top.seed), threads=int(top.threads), **tables)
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "threads": self.threads, **{k: asdict(getattr(self, k)) for k in self.TABLES}}

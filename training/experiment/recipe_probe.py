@@ -5,7 +5,7 @@
     # the oracle adapter alone (the top of the ladder): does it transfer skin, hair and body at all?
     python -m training.experiment.recipe_probe oracle --set stage2.max_steps=900 --out probe_oracle.json
 
-Same world, held-out people, captions, seeds and measurements as the experiment (``run.measure``); ``--set
+Same world, held-out people, captions, seeds and measurements as the experiment (``analysis.measure``); ``--set
 table.key=value`` overrides the experiment config (typed, so a typo is an error). Used to choose the default
 config and to show, measured, what did not help (see the README's experiment section).
 """
@@ -24,11 +24,19 @@ import numpy as np
 import torch
 
 from bolid.safetensors_io import atomic_write_text
-from bolid.synthetic import ORACLE_DIM
 
+from .analysis import generation_rows, measure, references_of, stage1_checks
+from .conditions import ORACLE, TEXT
 from .config import ExperimentConfig
-from .run import generation_rows, measure, references_of, stage1_checks
-from .stages import generate, load_world_models, render_world, run_stage1, stage2_identities, train_adapter
+from .stages import (
+    generate,
+    heldout_body,
+    load_world_models,
+    render_world,
+    run_stage1,
+    stage2_identities,
+    train_adapter,
+)
 
 logger = logging.getLogger("bolid.experiment")
 
@@ -69,21 +77,23 @@ def probe_oracle(cfg: ExperimentConfig) -> dict[str, Any]:
     names = sorted(world.heldout)
     rows = generation_rows(cfg, world, names)
     t0 = time.time()
-    identities = stage2_identities(world, pose, None, cfg.seed, "oracle")
-    adapter, losses = train_adapter(cfg, identities, ORACLE_DIM, unet, text, pose)
+    body = ORACLE.adapter.body
+    identities = stage2_identities(world, pose, None, cfg.seed, body)
+    adapter, losses = train_adapter(cfg, identities, body.body_dim(None), unet, text, pose)
     seconds = time.time() - t0
     refs = references_of(world, pose, cfg.seed)
-    own = torch.stack([torch.from_numpy(world.heldout[names[p]].identity.oracle_vector()) for p in rows.person])
+    own = torch.stack([heldout_body(ORACLE.body, world.heldout[names[p]], None, pose) for p in rows.person])
     out: dict[str, Any] = {"train_seconds": round(seconds, 1),
                            "final_loss_mean_of_50": float(np.mean([float(r["loss"]) for r in losses[-50:]]))}
     smp = cfg.sampling
-    for label, ad in (("text", None), ("oracle", adapter)):
+    for cond, ad in ((TEXT, None), (ORACLE, adapter)):
         images = generate(unet, text, rows.captions, rows.seeds, ad, own if ad is not None else None, smp.steps,
                           smp.guidance, smp.batch)
         m = measure(pose.read(images), rows.person, refs, rows.truth_attributes)
-        out[label] = {k: float(np.mean(m[k])) for k in ("skin_error", "hair_error", "body_error",
-                                                         "caption_attributes", "failed_render")}
-        out[label]["appearance_identification_top1"] = float(np.mean(m["appearance_distances"].argmin(1) == rows.person))
+        out[cond.key] = {k: float(np.mean(m[k])) for k in ("skin_error", "hair_error", "body_error",
+                                                            "caption_attributes", "failed_render")}
+        top1 = float(np.mean(m["appearance_distances"].argmin(1) == rows.person))
+        out[cond.key]["appearance_identification_top1"] = top1
     return out
 
 

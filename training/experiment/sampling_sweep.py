@@ -24,8 +24,8 @@ from bolid.metrics import fid_from_features
 from bolid.safetensors_io import atomic_write_text
 
 from . import stats
+from .analysis import generation_rows, measure, references_of
 from .config import ExperimentConfig
-from .run import generation_rows, measure, references_of
 from .stages import generate, load_world_models, render_world
 
 logger = logging.getLogger("bolid.experiment")

@@ -22,6 +22,7 @@ from bolid.diffusers_integration import BoLIDDiffusers, adapter_config_for_unet,
 from bolid.identity import no_identity_like
 from bolid.synthetic import SyntheticIdentity, SyntheticPhoto, make_identity
 
+from .conditions import BodySource, TrainingBody
 from .config import ExperimentConfig
 from .readout import WorldPose, person_from_keypoints
 from .world_models import (
@@ -132,16 +133,32 @@ def body_of(encoder: BodyEncoder, photos: list[SyntheticPhoto], pose: WorldPose)
     return c
 
 
+def heldout_body(source: BodySource, person: HeldOut, encoder: BodyEncoder | None, pose: WorldPose
+                 ) -> torch.Tensor:
+    """A held-out person's body condition read from their reference photos (multi-view or the first photo), or
+    their true identity vector (oracle; no encoder needed). Stored and sampled bodies go through a file or a
+    draw: see ``run.heldout_bodies``."""
+    if source is BodySource.ORACLE:
+        return torch.from_numpy(person.identity.oracle_vector())
+    if source is BodySource.MULTI:
+        return body_of(encoder, person.references, pose)
+    if source is BodySource.SINGLE:
+        return body_of(encoder, person.references[:1], pose)
+    raise ValueError(f"heldout_body reads the oracle, multi-view or single-photo body, not {source.value!r}: a "
+                     "stored or sampled body needs its file or a draw (run.heldout_bodies)")
+
+
 # ----------------------------------------------------------------------------------------------- stage 2
 
 
 def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None, seed: int,
-                      body: str = "bolid", views: dict[str, tuple] | None = None) -> list[Any]:
+                      body: TrainingBody = TrainingBody.BOLID, views: dict[str, tuple] | None = None) -> list[Any]:
     """The training identities for stage 2, with the body condition of one arm.
 
-    body: "bolid" (per-view posteriors of the encoder), "oracle" (the true identity vector, standardised), or
-    "shuffled" (the encoder's posteriors of another training person: a fixed random derangement). ``views``
-    caches :func:`view_posteriors` per person across arms (the BoLID and shuffled arms read the same people)."""
+    body: BOLID (per-view posteriors of the encoder), ORACLE (the true identity vector, standardised; no encoder
+    needed), or SHUFFLED (the encoder's posteriors of another training person: a fixed random derangement).
+    ``views`` caches :func:`view_posteriors` per person across arms (the BoLID and shuffled arms read the same
+    people)."""
     from training.stage2_core import Stage2Identity
 
     views = {} if views is None else views
@@ -153,7 +170,7 @@ def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None
 
     names = list(world.train)
     donors = names
-    if body == "shuffled":
+    if body is TrainingBody.SHUFFLED:
         rng = np.random.default_rng([seed, 77])
         perm = rng.permutation(len(names))
         while np.any(perm == np.arange(len(names))):  # nobody keeps their own body
@@ -162,7 +179,7 @@ def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None
     out = []
     for name, donor in zip(names, donors, strict=True):
         photos = world.train[name]
-        if body == "oracle":
+        if body is TrainingBody.ORACLE:
             kps = pose.keypoints([p.image for p in photos])
             vec = torch.from_numpy(make_identity(seed, photos[0].identity).oracle_vector())
             mu = vec.expand(len(photos), -1).clone()
