@@ -90,6 +90,8 @@ class LoopHooks:
 
 @dataclass
 class LoopResult:
+    """The step reached, each step's reduced logs, and what the final export returned (None without one)."""
+
     step: int
     history: list[dict[str, float]] = field(default_factory=list)
     exported: Any = None
