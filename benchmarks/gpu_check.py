@@ -16,7 +16,7 @@ written as an error and the others still run. Every model has random weights (no
 2. ``perception``: images per second of BoLID's pose runner (a random yolo11n-pose exported to ONNX at 640, or
    ``--pose-weights``) and face embedder (a tiny stand-in pack, or ``--face-pack``) on onnxruntime's CPU and
    CUDA providers.
-3. ``train``: the stage-2 training loop (``training.stage2_core.train_stage2_loop``, accelerate's mixed precision)
+3. ``train``: the stage-2 training loop (``training.stage2_loop.train_stage2_loop``, accelerate's mixed precision)
    at SD1.5 size (512x512, SD1.5-size UNet and VAE, YOLO11n-pose, open_clip ViT-B-32) in fp16 and bf16, auxiliary
    losses off and on (on every row: the full cost): median seconds per optimizer step after one warm-up step and
    the peak ``torch.cuda.max_memory_allocated`` over the run.
@@ -375,7 +375,7 @@ def sd15_size_components(device: torch.device, pose_imgsz: int) -> Any:
 
     from bolid.pose import ultralytics_offline_env
     from training.models import OpenClipFunctions, YoloPoseNet
-    from training.stage2_core import Stage2Components
+    from training.stage2_components import Stage2Components
 
     ultralytics_offline_env()
     torch.manual_seed(0)
@@ -403,14 +403,9 @@ def train_one(components: Any, precision: str, aux: bool, steps: int, batch: int
     import stage2_tiny as T
 
     from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
-    from training.stage2_core import (
-        LossConfig,
-        SamplingConfig,
-        Stage2Data,
-        Stage2Identity,
-        Stage2TrainingConfig,
-        train_stage2_loop,
-    )
+    from training.stage2_loop import Stage2TrainingConfig, train_stage2_loop
+    from training.stage2_model import LossConfig
+    from training.stage2_sampling import SamplingConfig, Stage2Data, Stage2Identity
 
     ctx = components.unet.config.cross_attention_dim
     body_dim = T.BODY_DIM if tiny else BODY_DIM

@@ -48,7 +48,7 @@ def sd15_components():
 
     from bolid.pose import ultralytics_offline_env
     from training.models import OpenClipFunctions, YoloPoseNet
-    from training.stage2_core import Stage2Components
+    from training.stage2_components import Stage2Components
 
     ultralytics_offline_env()
     torch.manual_seed(0)
@@ -67,21 +67,16 @@ def run_config(size: str, aux: bool, steps: int, latent: int, batch: int, device
     import torch
 
     from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
-    from training.stage2_core import (
-        LossConfig,
-        SamplingConfig,
-        Stage2Data,
-        Stage2Identity,
-        Stage2Model,
-        _cast_frozen,
-    )
+    from training.stage2_components import cast_frozen
+    from training.stage2_model import LossConfig, Stage2Model
+    from training.stage2_sampling import SamplingConfig, Stage2Data, Stage2Identity
 
     torch.set_num_threads(os.cpu_count() or 1)
     comp = T.components("sd15") if size == "tiny" else sd15_components()
     comp.freeze()
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    _cast_frozen(comp, dev, torch.float32)  # every frozen module onto the device
+    cast_frozen(comp, dev, torch.float32)  # every frozen module onto the device
     ctx = comp.unet.config.cross_attention_dim
     config = adapter_config_for_unet(comp.unet, body_dim=128 if size == "sd15" else T.BODY_DIM)
     adapter = init_adapter_from_unet(comp.unet, config).to(dev)
@@ -162,14 +157,16 @@ def run_lightning(size: str, k: int, rounds: int, latent: int, batch: int, devic
 
     from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
     from training.lightning_branch import LightningConfig
-    from training.stage2_core import LossConfig, SamplingConfig, Stage2Data, Stage2Identity, Stage2Model, _cast_frozen
+    from training.stage2_components import cast_frozen
+    from training.stage2_model import LossConfig, Stage2Model
+    from training.stage2_sampling import SamplingConfig, Stage2Data, Stage2Identity
 
     torch.set_num_threads(os.cpu_count() or 1)
     comp = T.components("sd15") if size == "tiny" else sd15_components()
     comp.freeze()
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    _cast_frozen(comp, dev, torch.float32)
+    cast_frozen(comp, dev, torch.float32)
     ctx = comp.unet.config.cross_attention_dim
     config = adapter_config_for_unet(comp.unet, body_dim=128 if size == "sd15" else T.BODY_DIM)
     adapter = init_adapter_from_unet(comp.unet, config).to(dev)

@@ -13,7 +13,8 @@ from tiny_unets import CTX, tiny_sd15_unet, tiny_sdxl_unet
 from torch import nn
 
 from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
-from training.stage2_core import Stage2Components, Stage2Identity
+from training.stage2_components import Stage2Components
+from training.stage2_sampling import Stage2Identity
 
 BODY_DIM = 16
 TEXT_LEN = 7

@@ -22,14 +22,9 @@ from training.lightning_branch import (
     trailing_timesteps,
     train_timesteps,
 )
-from training.stage2_core import (
-    LossConfig,
-    SamplingConfig,
-    Stage2Data,
-    Stage2Model,
-    Stage2TrainingConfig,
-    train_stage2_loop,
-)
+from training.stage2_loop import Stage2TrainingConfig, train_stage2_loop
+from training.stage2_model import LossConfig, Stage2Model
+from training.stage2_sampling import SamplingConfig, Stage2Data
 
 NO_DROP = {"drop_text": 0, "drop_face": 0, "drop_body": 0, "drop_all": 0}
 

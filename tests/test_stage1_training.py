@@ -32,7 +32,8 @@ from bolid.errors import BoLIDError
 from bolid.keypoints import PersonPose
 from bolid.proportions import body_proportions_np
 from bolid.safetensors_io import atomic_write_text, read_safetensors_metadata
-from training.stage1 import Stage1Config, list_checkpoints, train_stage1
+from training.common import list_checkpoints
+from training.stage1 import Stage1Config, train_stage1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 96

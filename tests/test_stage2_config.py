@@ -157,7 +157,7 @@ def test_stage1_crop_margin_must_match_the_body_encoder(tmp_path):
     from types import SimpleNamespace
 
     from bolid.dataset import DatasetCacheError
-    from training.stage2_data import _check_crop_margin
+    from training.stage2_cache import _check_crop_margin
 
     encoder = SimpleNamespace(config=SimpleNamespace(crop_margin=1.15))
     _check_crop_margin(tmp_path / "a.safetensors", {"crop_margin": "1.15"}, encoder)

@@ -17,15 +17,10 @@ from bolid.losses import (
 )
 from bolid.metrics import body_consistency
 from bolid.proportions import body_proportions, proportion_error
-from training.stage2_core import (
-    LossConfig,
-    SamplingConfig,
-    Stage2Data,
-    Stage2Model,
-    _cast_frozen,
-    freeze_unused_branches,
-    predicted_x0,
-)
+from training.stage2_components import cast_frozen
+from training.stage2_loop import freeze_unused_branches
+from training.stage2_model import LossConfig, Stage2Model, predicted_x0
+from training.stage2_sampling import SamplingConfig, Stage2Data
 
 # ----------------------------------------------------------------------------------------------- pure maths
 
@@ -218,7 +213,7 @@ def test_zero_weight_branch_is_frozen_so_every_trainable_parameter_gets_a_gradie
 def test_mixed_precision_keeps_a_force_upcast_vae_in_float32(force_upcast):
     comp = T.components("sd15", pose=False, clip=False)
     comp.vae.register_to_config(force_upcast=force_upcast)
-    _cast_frozen(comp, torch.device("cpu"), torch.bfloat16)
+    cast_frozen(comp, torch.device("cpu"), torch.bfloat16)
     assert next(comp.unet.parameters()).dtype == torch.bfloat16
     vae_dtype = torch.float32 if force_upcast else torch.bfloat16
     assert next(comp.vae.parameters()).dtype == vae_dtype

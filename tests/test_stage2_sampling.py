@@ -6,7 +6,7 @@ import stage2_tiny as T
 import torch
 
 from bolid.body_encoder import aggregate_views
-from training.stage2_core import SamplingConfig, Stage2Data
+from training.stage2_sampling import SamplingConfig, Stage2Data
 
 
 def _data(**sampling):

@@ -15,15 +15,10 @@ from tiny_unets import CTX
 from bolid.adapter_io import load_adapter
 from bolid.diffusers_integration import BoLIDDiffusers
 from bolid.safetensors_io import read_safetensors_metadata
-from training.stage2_core import (
-    LossConfig,
-    SamplingConfig,
-    Stage2Data,
-    Stage2Model,
-    Stage2TrainingConfig,
-    list_checkpoints,
-    train_stage2_loop,
-)
+from training.common import list_checkpoints
+from training.stage2_loop import Stage2TrainingConfig, train_stage2_loop
+from training.stage2_model import LossConfig, Stage2Model
+from training.stage2_sampling import SamplingConfig, Stage2Data
 
 
 def _eval_loss(comp, adapter, data, lc):

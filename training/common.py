@@ -1,4 +1,4 @@
-"""Training utilities shared by stage 1 (:mod:`training.stage1`) and stage 2 (:mod:`training.stage2_core`,
+"""Training utilities shared by stage 1 (:mod:`training.stage1`) and stage 2 (:mod:`training.stage2_loop`,
 :mod:`training.stage2`): config tables, the learning-rate schedule, checkpoint folders and resuming, and the
 per-step noise generator that makes a resumed run follow the uninterrupted one.
 

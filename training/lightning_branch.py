@@ -32,8 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from bolid.errors import BoLIDError
 from bolid.identity import no_identity_like
 
-if TYPE_CHECKING:  # stage2_core imports this module
-    from training.stage2_core import Stage2Model
+if TYPE_CHECKING:  # stage2_model imports this module
+    from training.stage2_model import Stage2Model
 
 X0_SOURCES = ("one_step", "lightning")
 GRAD_STEPS = ("last", "all")

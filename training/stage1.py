@@ -32,18 +32,8 @@ from bolid.dataset import (
 )
 from bolid.errors import BoLIDError
 from training.captions import CaptionConfig, caption_config_from_dict, caption_dataset
-from training.common import (  # noqa: F401 (re-exported)
-    CHECKPOINT_PREFIX,
-    STATE_FILE,
-    check_distributed_launch,
-    config_table,
-    learning_rate_at,
-    list_checkpoints,
-    noise_generator,
-    resolve_resume,
-    resumed_step,
-    save_checkpoint,
-)
+from training.common import config_table, noise_generator
+from training.loop import LoopHooks, TrainingLoop, check_loop_settings, make_accelerator
 
 logger = logging.getLogger("bolid")
 
@@ -77,15 +67,7 @@ class Stage1TrainingConfig:
     export_name: str = "body_encoder.safetensors"
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise TrainingConfigError(f"[training] mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise TrainingConfigError(f"[training] lr_schedule must be cosine/constant, got {self.lr_schedule!r}")
-        if self.report_to not in ("tensorboard", "none"):
-            raise TrainingConfigError(f"[training] report_to must be tensorboard/none, got {self.report_to!r}")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise TrainingConfigError(f"[training] {name} must be >= 1")
+        check_loop_settings(self, TrainingConfigError, ("cosine", "constant"))
 
 
 @dataclass(frozen=True)
@@ -162,18 +144,11 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
 
     ``on_step(step, logs)`` is called on the main process after every optimizer step (hooks for tests/tools).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-
     tc = config.training
     out = config.output_dir
-    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
-    accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                              mixed_precision=tc.mixed_precision, project_config=project,
-                              log_with=None if tc.report_to == "none" else tc.report_to)
-    check_distributed_launch(accelerator, TrainingConfigError, "BoLID stage 1")
-    set_seed(config.seed)
+    accelerator = make_accelerator(tc.mixed_precision, out, tc.report_to, TrainingConfigError, "BoLID stage 1",
+                                   seed=config.seed)
+    loop = TrainingLoop(accelerator, tc, 1, out, tc.report_to, TrainingConfigError)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         prepare_stage1(config, pose_runner)
@@ -195,82 +170,44 @@ def train_stage1(config: Stage1Config, resume: str | None = None, pose_runner: A
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    step = 0
-    ckpt = resolve_resume(out, resume, TrainingConfigError, "BoLID stage 1")
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))  # accelerate's files are pickles: resume only your own checkpoints
-        step = resumed_step(ckpt)
-        logger.info("BoLID stage 1: resumed from %s at step %d", ckpt, step)
-    if tc.report_to != "none":
-        hparams = {**{f"model/{k}": v for k, v in model_config.architecture().items()
-                      if isinstance(v, (int, float, str, bool))},  # tensorboard takes scalars only
-                   **{f"training/{k}": v for k, v in asdict(tc).items()}, "seed": config.seed,
-                   "identities": len(dataset.identities)}
-        accelerator.init_trackers("bolid_stage1", config=hparams)
+    step = loop.resume(resume)
+    loop.start_trackers(lambda: {**{f"model/{k}": v for k, v in model_config.architecture().items()
+                                    if isinstance(v, (int, float, str, bool))},  # tensorboard takes scalars only
+                                 **{f"training/{k}": v for k, v in asdict(tc).items()}, "seed": config.seed,
+                                 "identities": len(dataset.identities)})
     logger.info("BoLID stage 1: %d identities, %d views, %d processes, %d samples per step, mixed precision %s",
                 len(dataset.identities), sum(c.num_views for c in dataset.identities), accelerator.num_processes,
                 samples_per_step, accelerator.mixed_precision)
 
-    batches = accelerator.skip_first_batches(loader, step * tc.gradient_accumulation_steps) if step else loader
-    progress = tqdm(total=tc.max_steps, initial=step, desc="stage 1", disable=not accelerator.is_local_main_process)
-    history: list[float] = []
-    window: list[dict[str, torch.Tensor]] = []
-    micro = 0
-    model.train()
-    for batch in batches:
-        if step >= tc.max_steps:
-            break
-        kl_weight = tc.kl_weight * (min(1.0, (step + 1) / tc.kl_warmup_steps) if tc.kl_warmup_steps > 0 else 1.0)
+    batches = iter(accelerator.skip_first_batches(loader, step * tc.gradient_accumulation_steps) if step else loader)
+
+    def kl_weight_at(step: int) -> float:
+        return tc.kl_weight * (min(1.0, (step + 1) / tc.kl_warmup_steps) if tc.kl_warmup_steps > 0 else 1.0)
+
+    def inputs(step: int, micro: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        batch = next(batches)
         # seeded by the micro-batch's place in the global batch (process k's micro-batch j is number
         # j * processes + k, as the sharded loader deals them): N processes follow the 1-process run with N x the
         # accumulation
         gen = noise_generator(config.seed, step, micro * accelerator.num_processes + accelerator.process_index, 0,
                               accelerator.device)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                losses = model(  # through the wrapper, so DDP syncs gradients on several GPUs
-                    batch, kl_weight=kl_weight, recon_weight=tc.recon_weight,
-                    proportion_weight=tc.proportion_weight, appearance_weight=tc.appearance_weight, generator=gen)
-            accelerator.backward(losses["loss"])
-            if accelerator.sync_gradients and tc.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(step, tc)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        window.append({k: v.detach().float() for k, v in losses.items()})
-        micro += 1
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        micro = 0
-        logs = {k: accelerator.reduce(torch.stack([w[k] for w in window]).mean(), "mean").item() for k in window[0]}
-        logs["lr"] = learning_rate_at(step - 1, tc)
-        logs["kl_weight"] = kl_weight
-        window.clear()
-        history.append(logs["loss"])
-        progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        if tc.report_to != "none" and (step % tc.log_every == 0 or step == 1):
-            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-        if step % tc.checkpointing_steps == 0 or step == tc.max_steps:
-            save_checkpoint(accelerator, out, step, 1,
-                            lambda folder, at=step: _export(accelerator.unwrap_model(model),
-                                                            folder / tc.export_name, config, at),
-                            tc.checkpoints_total_limit, "BoLID stage 1")
-        if on_step is not None and accelerator.is_main_process:
-            on_step(step, logs)
-    progress.close()
-    accelerator.wait_for_everyone()
-    export_path = out / tc.export_name
-    model_hash = ""
-    if accelerator.is_main_process:
+        return (batch,), {"kl_weight": kl_weight_at(step), "recon_weight": tc.recon_weight,
+                          "proportion_weight": tc.proportion_weight, "appearance_weight": tc.appearance_weight,
+                          "generator": gen}
+
+    def final_export(path: Path, at_step: int) -> str:
         final = accelerator.unwrap_model(model)
         final.body_prior = fit_body_prior(identity_posterior_means(final, dataset.identities))
-        model_hash = _export(final, export_path, config, step)
-        logger.info("BoLID stage 1: exported the encoder to %s (hash %s)", export_path, model_hash)
-    accelerator.end_training()
-    return {"step": step, "losses": history, "export": export_path, "encoder_hash": model_hash}
+        model_hash = _export(final, path, config, at_step)
+        logger.info("BoLID stage 1: exported the encoder to %s (hash %s)", path, model_hash)
+        return model_hash
+
+    hooks = LoopHooks(extra_logs=lambda at: {"kl_weight": kl_weight_at(at)},
+                      export=lambda path, at: _export(accelerator.unwrap_model(model), path, config, at),
+                      final_export=final_export, on_step=on_step)
+    result = loop.run(model, optimizer, inputs, model.parameters, hooks)
+    return {"step": result.step, "losses": [logs["loss"] for logs in result.history], "export": out / tc.export_name,
+            "encoder_hash": result.exported or ""}
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Reads the TOML config (see training/configs/stage2_sd15_example.toml / stage2_sdxl_example.toml), loads the
 frozen models from local files (:mod:`training.models`), builds or reuses the stage-2 cache
-(:mod:`training.stage2_data`) and runs the in-process loop of :mod:`training.stage2_core`, which is where the
+(:mod:`training.stage2_cache`) and runs the in-process loop of :mod:`training.stage2_loop`, which is where the
 method lives (and what experiments call directly).
 """
 
@@ -22,18 +22,15 @@ from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_fr
 from bolid.errors import BoLIDError
 from bolid.faceid import copy_faceid_face_branch, faceid_config, read_ip_adapter_file
 from bolid.safetensors_io import read_safetensors_metadata
-from training.common import check_distributed_launch, config_table
+from training.common import config_table
 from training.lightning_branch import LightningConfig
+from training.loop import make_accelerator
 from training.models import BaseModelError, OpenClipFunctions, YoloPoseNet, load_base_model, make_encode_text
-from training.stage2_core import (
-    LossConfig,
-    SamplingConfig,
-    Stage2Components,
-    Stage2Data,
-    Stage2TrainingConfig,
-    train_stage2_loop,
-)
-from training.stage2_data import BucketConfig, load_stage2_cache, prepare_stage2_cache
+from training.stage2_cache import BucketConfig, load_stage2_cache, prepare_stage2_cache
+from training.stage2_components import Stage2Components
+from training.stage2_loop import Stage2TrainingConfig, train_stage2_loop
+from training.stage2_model import LossConfig
+from training.stage2_sampling import SamplingConfig, Stage2Data
 
 logger = logging.getLogger("bolid")
 
@@ -210,17 +207,11 @@ def build(config: Stage2Config, device: torch.device | str = "cpu", prepare: boo
 def run(raw_config: dict[str, Any], config_dir: Path, resume: str | None = None, prepare_only: bool = False
         ) -> dict[str, Any]:
     """Entry used by training/train.py for ``stage = 2`` configs."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-
     config = Stage2Config.from_dict(raw_config, config_dir)
     tc = config.training
     out = config.output_dir
-    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, project_config=project,
-                              log_with=None if tc.report_to == "none" else tc.report_to)
-    check_distributed_launch(accelerator, Stage2ConfigError, "BoLID stage 2")
-    set_seed(config.seed)
+    accelerator = make_accelerator(tc.mixed_precision, out, tc.report_to, Stage2ConfigError, "BoLID stage 2",
+                                   seed=config.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     # the main process builds the cache; the others wait and read it

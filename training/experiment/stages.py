@@ -159,7 +159,7 @@ def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None
     needed), or SHUFFLED (the encoder's posteriors of another training person: a fixed random derangement).
     ``views`` caches :func:`view_posteriors` per person across arms (the BoLID and shuffled arms read the same
     people)."""
-    from training.stage2_core import Stage2Identity
+    from training.stage2_sampling import Stage2Identity
 
     views = {} if views is None else views
 
@@ -221,14 +221,10 @@ def train_adapter(cfg: ExperimentConfig, identities: list[Any], body_dim: int, u
                   target_in_context: bool = False, lightning: Any = None) -> tuple[Any, list[dict]]:
     """One adapter by stage 2's recipe; the face branch (off in generation) is frozen (weight_face = 0).
     ``lightning``: a :class:`training.lightning_branch.LightningConfig` (None: the one-step x0 of stage 2's default)."""
-    from training.stage2_core import (
-        LossConfig,
-        SamplingConfig,
-        Stage2Components,
-        Stage2Data,
-        Stage2TrainingConfig,
-        train_stage2_loop,
-    )
+    from training.stage2_components import Stage2Components
+    from training.stage2_loop import Stage2TrainingConfig, train_stage2_loop
+    from training.stage2_model import LossConfig
+    from training.stage2_sampling import SamplingConfig, Stage2Data
 
     s2 = cfg.stage2
     components = Stage2Components(unet=unet, noise_scheduler=make_train_scheduler(), vae=None,

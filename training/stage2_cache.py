@@ -39,7 +39,7 @@ from bolid.safetensors_io import (
     load_safetensors,
     read_safetensors_metadata,
 )
-from training.stage2_core import Stage2Identity
+from training.stage2_sampling import Stage2Identity
 
 logger = logging.getLogger("bolid")
 
