@@ -49,7 +49,9 @@ def main() -> int:
     from test_stage1_training import FakePoseRunner, identity_params, stage1_raw
 
     from bolid.body_encoder_io import load_body_encoder
-    from bolid.dataset import dataset_config_from_dict, load_identity_caches, prepare_dataset
+    from bolid.dataset import dataset_config_from_dict
+    from bolid.dataset_prepare import prepare_dataset
+    from bolid.identity_cache import load_identity_caches
     from training.stage1 import Stage1Config, train_stage1
 
     torch.manual_seed(args.seed)

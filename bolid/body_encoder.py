@@ -274,7 +274,7 @@ class BodyEncoder(nn.Module):
     def losses(self, batch: dict[str, torch.Tensor], kl_weight: float = 1e-3, recon_weight: float = 1.0,
                proportion_weight: float = 1.0, appearance_weight: float = 1.0,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Stage-1 objective on a batch from :func:`bolid.dataset.stage1_collate`.
+        """Stage-1 objective on a batch from :func:`bolid.identity_cache.stage1_collate`.
 
         The reparameterisation noise comes from ``generator`` when given (reproducible, resumable training).
 

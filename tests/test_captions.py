@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from bolid.dataset import load_identity_caches
+from bolid.identity_cache import load_identity_caches
 from bolid.safetensors_io import read_safetensors_metadata
 from training import captions as C
 from training import train

@@ -32,7 +32,8 @@ from test_stage2_config import save_tiny_pipeline
 
 from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
 from bolid.body_encoder_io import save_body_encoder
-from bolid.dataset import dataset_config_from_dict, prepare_dataset
+from bolid.dataset import dataset_config_from_dict
+from bolid.dataset_prepare import prepare_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"

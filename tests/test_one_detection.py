@@ -12,14 +12,9 @@ from bolid.body_encode import encode_body
 from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
 from bolid.body_encoder_io import load_body_encoder, save_body_encoder
 from bolid.body_views import crop_person, views_to_tensor
-from bolid.dataset import (
-    DatasetConfig,
-    IdentityCache,
-    Stage1Dataset,
-    SubsetConfig,
-    load_identity_caches,
-    prepare_dataset,
-)
+from bolid.dataset import DatasetConfig, SubsetConfig
+from bolid.dataset_prepare import prepare_dataset
+from bolid.identity_cache import IdentityCache, Stage1Dataset, load_identity_caches
 from bolid.keypoints import PersonPose, choose_person, select_person, significant_others
 
 

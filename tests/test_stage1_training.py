@@ -20,15 +20,10 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 from bolid.body_encoder_io import encoder_hash, load_body_encoder
-from bolid.dataset import (
-    DatasetCacheError,
-    Stage1Dataset,
-    dataset_config_from_dict,
-    load_identity_caches,
-    prepare_dataset,
-    stage1_collate,
-)
+from bolid.dataset import DatasetCacheError, dataset_config_from_dict
+from bolid.dataset_prepare import prepare_dataset
 from bolid.errors import BoLIDError
+from bolid.identity_cache import Stage1Dataset, load_identity_caches, stage1_collate
 from bolid.keypoints import PersonPose
 from bolid.proportions import body_proportions_np
 from bolid.safetensors_io import atomic_write_text, read_safetensors_metadata

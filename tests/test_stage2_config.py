@@ -17,7 +17,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from bolid.adapter_io import load_adapter
 from bolid.body_encoder import BodyEncoder, BodyEncoderConfig
 from bolid.body_encoder_io import save_body_encoder
-from bolid.dataset import dataset_config_from_dict, prepare_dataset
+from bolid.dataset import dataset_config_from_dict
+from bolid.dataset_prepare import prepare_dataset
 from bolid.safetensors_io import read_safetensors_metadata
 from training import train
 from training.models import BaseModelError, load_base_model, make_encode_text

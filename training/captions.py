@@ -340,7 +340,7 @@ def caption_dataset(dataset: DatasetConfig, config: CaptionConfig,
 
     Cached raw captions are reused while the photo and the captioner are unchanged; the model is loaded only when
     some photo has no valid cached caption. Returns filtered captions keyed by ``str(photo path)``, as
-    :func:`bolid.dataset.prepare_dataset` takes them.
+    :func:`bolid.dataset_prepare.prepare_dataset` takes them.
     """
     fingerprint = captioner_fingerprint(config)
     cache_path = Path(dataset.cache_dir) / CACHE_FILE

@@ -19,18 +19,16 @@ import torch
 
 from bolid.body_encoder import BodyEncoder, BodyEncoderConfig, fit_body_prior
 from bolid.body_encoder_io import save_body_encoder
-from bolid.dataset import (
-    DatasetCacheError,
+from bolid.dataset import DatasetCacheError, config_summary, dataset_config_from_dict
+from bolid.dataset_prepare import prepare_dataset
+from bolid.errors import BoLIDError
+from bolid.identity_cache import (
     IdentityCache,
     Stage1Dataset,
-    config_summary,
-    dataset_config_from_dict,
     identity_target_statistics,
     load_identity_caches,
-    prepare_dataset,
     stage1_collate,
 )
-from bolid.errors import BoLIDError
 from training.captions import CaptionConfig, caption_config_from_dict, caption_dataset
 from training.common import config_table, noise_generator
 from training.loop import LoopHooks, TrainingLoop, check_loop_settings, make_accelerator
@@ -215,7 +213,7 @@ def identity_posterior_means(model: BodyEncoder, identities: list[IdentityCache]
     """c_body of every training identity from all its photos [N, d]: the distribution stage 2 conditions on,
     stored with the encoder so that Sample Body ID draws from it (posterior means are shrunk towards 0, so
     N(0, I) draws would be off the adapter's training distribution)."""
-    from bolid.dataset import read_identity_crops
+    from bolid.identity_cache import read_identity_crops
 
     was_training = model.training
     model.eval()

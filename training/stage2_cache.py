@@ -24,15 +24,9 @@ from PIL import Image
 from bolid.body_encoder import BodyEncoder
 from bolid.body_encoder_io import encoder_hash
 from bolid.body_views import views_to_tensor
-from bolid.dataset import (
-    DatasetCacheError,
-    DatasetConfig,
-    list_identities,
-    load_identity_caches,
-    read_cache_index,
-    read_rgb,
-)
+from bolid.dataset import DatasetCacheError, DatasetConfig, list_identities, read_rgb
 from bolid.identity import no_identity
+from bolid.identity_cache import load_identity_caches, read_cache_index
 from bolid.safetensors_io import (
     atomic_save_safetensors,
     atomic_write_text,
