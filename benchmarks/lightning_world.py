@@ -37,11 +37,11 @@ sys.path.insert(0, str(REPO))
 from bolid.identity import no_identity_like  # noqa: E402
 from bolid.safetensors_io import atomic_write_text  # noqa: E402
 from training.experiment import stats  # noqa: E402
-from training.experiment.analysis import analyse_arm, generation_rows, measure, references_of  # noqa: E402
+from training.experiment.analysis import generation_rows  # noqa: E402
 from training.experiment.conditions import TEXT, AdapterRecipe, Condition, TrainingBody  # noqa: E402
 from training.experiment.config import ExperimentConfig  # noqa: E402
 from training.experiment.report import json_default, num  # noqa: E402
-from training.experiment.run import Laps, row_bodies, train_adapters  # noqa: E402
+from training.experiment.run import Laps, analyse, row_bodies, train_adapters  # noqa: E402
 from training.experiment.stages import (  # noqa: E402
     generate,
     heldout_body,
@@ -85,15 +85,15 @@ def generate_few_step(unet: torch.nn.Module, text: Any, captions: list[str], see
     return to_uint8(x.clamp(-1, 1))
 
 
-def arms_for(body: TrainingBody, lightning: LightningConfig) -> tuple[Condition, Condition, Condition]:
+def lightning_conditions(body: TrainingBody, lightning: LightningConfig) -> tuple[Condition, Condition, Condition]:
     """The three adapters, all with ``body`` (the config's id_weight unless switched off): L_id on the one-step
     x0, L_id on the ``lightning`` branch's image, no L_id. Text only (:data:`TEXT`) is the fourth arm."""
-    def arm(key: str, label: str, id_weight: float | None, lcfg: LightningConfig) -> Condition:
+    def condition(key: str, label: str, id_weight: float | None, lcfg: LightningConfig) -> Condition:
         return Condition(key, label, AdapterRecipe(key, body, id_weight, lightning=lcfg), body.heldout_body)
 
-    return (arm("one_step", "L_id on the one-step x0", None, LightningConfig()),
-            arm("lightning", "L_id on a K-step Lightning image", None, lightning),
-            arm("no_id", "no L_id (id_weight 0)", 0.0, LightningConfig()))
+    return (condition("one_step", "L_id on the one-step x0", None, LightningConfig()),
+            condition("lightning", "L_id on a K-step Lightning image", None, lightning),
+            condition("no_id", "no L_id (id_weight 0)", 0.0, LightningConfig()))
 
 
 def headline(res: dict[str, Any]) -> dict[str, Any]:
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if body.uses_encoder:
         with laps("stage1"):
             encoder, _ = run_stage1(cfg, world, pose)
-    one_step, *others = arms = arms_for(body, lightning)
-    adapters, losses = train_adapters(cfg, [a.adapter for a in arms], world, encoder, unet, text, pose, laps)
+    one_step, *others = conditions = lightning_conditions(body, lightning)
+    adapters, losses = train_adapters(cfg, [c.adapter for c in conditions], world, encoder, unet, text, pose, laps)
     train_losses = {}
     for recipe, history in losses.items():
         id_steps = [h for h in history if h["id_rows"] > 0]
@@ -185,29 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         generated: dict[str, dict[Condition, np.ndarray]] = {}
         for sname, fn in samplers.items():
             generated[sname] = {TEXT: fn(None, None)}
-            for arm in arms:
-                generated[sname][arm] = fn(adapters[arm.adapter], bodies)
+            for cond in conditions:
+                generated[sname][cond] = fn(adapters[cond.adapter], bodies)
 
     with laps("metrics"):
-        refs = references_of(world, pose, cfg.seed)
-        real_features = pose.read(np.stack([p.image for ps in world.train.values() for p in ps])).features
         kw = {"n_boot": cfg.stats.n_boot, "ci": cfg.stats.ci, "seed": cfg.seed}
         results: dict[str, Any] = {"samplers": {}}
         for sname, images_of in generated.items():
-            measured, reads = {}, {}
-            for arm, images in images_of.items():
-                reads[arm] = pose.read(images)
-                measured[arm] = measure(reads[arm], rows.person, refs, rows.truth_attributes)
-            per_arm = {}
-            for arm in images_of:
-                base = measured[TEXT] if arm.adapter is not None else None
-                res = analyse_arm(measured[arm], rows.person, reads[arm].features, real_features, base, cfg)
-                if arm in others:
-                    res["vs_one_step"] = {m: stats.paired_difference(measured[arm][m], measured[one_step][m],
-                                                                     rows.person, **kw)
-                                          for m in ("body_error", "caption_attributes")}
-                per_arm[arm.key] = {"headline": headline(res), **res}
-            results["samplers"][sname] = per_arm
+            per_arm, measured = analyse(cfg, images_of, rows, world, pose)
+            for cond in others:
+                per_arm[cond.key]["vs_one_step"] = {
+                    m: stats.paired_difference(measured[cond][m], measured[one_step][m], rows.person, **kw)
+                    for m in ("body_error", "caption_attributes")}
+            results["samplers"][sname] = {key: {"headline": headline(res), **res} for key, res in per_arm.items()}
     total = laps.total()
     results.update({
         "setup": {"body": args.body, "k": args.k, "lightning": asdict(lightning), "sample_steps": args.sample_steps,

@@ -112,6 +112,7 @@ class TrainingLoop:
         self.error_cls = error_cls
         self.label = f"BoLID stage {stage}"
         self.step = 0
+        check_distributed_launch(accelerator, error_cls, self.label)  # also for an Accelerator a caller built
 
     def resume(self, resume: str | None) -> int:
         """Load ``resume`` ("latest" or a checkpoint folder) into the prepared objects; returns the step."""

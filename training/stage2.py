@@ -2,8 +2,9 @@
 
 Reads the TOML config (see training/configs/stage2_sd15_example.toml / stage2_sdxl_example.toml), loads the
 frozen models from local files (:mod:`training.models`), builds or reuses the stage-2 cache
-(:mod:`training.stage2_cache`) and runs the in-process loop of :mod:`training.stage2_loop`, which is where the
-method lives (and what experiments call directly).
+(:mod:`training.stage2_cache`) and runs the in-process loop of :mod:`training.stage2_loop` (the losses are in
+:mod:`training.stage2_model`, the leave-one-out sampling in :mod:`training.stage2_sampling`; experiments call them
+directly).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Stage 2: leave-one-out training of the Body-Condition Module, callable in-process.
 
-This package of modules knows nothing about config files or model folders (``training/stage2.py`` is that front
-end); it works on in-memory components, so experiments can drive it directly::
+The stage-2 modules (stage2_components, _sampling, _model, _loop, _validation) know nothing about config files
+or model folders (``training/stage2.py`` is that front end); they work on in-memory components, so experiments
+can drive them directly::
 
     from training.stage2_components import Stage2Components
     from training.stage2_loop import Stage2TrainingConfig, train_stage2_loop

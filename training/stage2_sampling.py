@@ -188,6 +188,11 @@ class Stage2Data:
         k = others[int(rng.integers(len(others)))]
         return ident.face[k], k
 
+    def body_views(self, context: list[int], target: int) -> list[int]:
+        """The views c_body is aggregated over: the context, never the target (leave-one-out). The experiment's
+        target-in-context ablation overrides this and nothing else, so both draw the same samples."""
+        return context
+
     def sample(self, rng: np.random.Generator, bucket: int) -> dict[str, Any]:
         """One leave-one-out sample from ``bucket`` (tensors of one row, plus the indices used)."""
         i, j = self.buckets[bucket][int(rng.integers(len(self.buckets[bucket])))]
@@ -196,8 +201,9 @@ class Stage2Data:
         others = [k for k in range(n) if k != j]
         k = int(rng.integers(1, min(self.sampling.max_context_views, n - 1) + 1))
         context = sorted(int(c) for c in rng.choice(others, size=k, replace=False))
-        mu, _ = aggregate_views(ident.body_mu[context].float(), ident.body_logvar[context].float(),
-                                ident.body_weights[context].float(), self.sampling.prior_expert)
+        body_rows = self.body_views(context, j)
+        mu, _ = aggregate_views(ident.body_mu[body_rows].float(), ident.body_logvar[body_rows].float(),
+                                ident.body_weights[body_rows].float(), self.sampling.prior_expert)
         face, face_index = self._face(ident, j, rng)
         ref_rows = context if self.sampling.id_reference == "context" else list(range(n))
         ref_props, ref_conf = aggregate_proportions(ident.proportions[ref_rows], ident.proportion_confidence[ref_rows])

@@ -21,6 +21,7 @@ from bolid.body_views import crop_person
 from bolid.diffusers_integration import BoLIDDiffusers, adapter_config_for_unet, init_adapter_from_unet
 from bolid.identity import no_identity_like
 from bolid.synthetic import SyntheticIdentity, SyntheticPhoto, make_identity
+from training.stage2_sampling import SamplingConfig, Stage2Data, Stage2Identity
 
 from .conditions import BodySource, TrainingBody
 from .config import ExperimentConfig
@@ -159,8 +160,6 @@ def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None
     needed), or SHUFFLED (the encoder's posteriors of another training person: a fixed random derangement).
     ``views`` caches :func:`view_posteriors` per person across arms (the BoLID and shuffled arms read the same
     people)."""
-    from training.stage2_sampling import Stage2Identity
-
     views = {} if views is None else views
 
     def posteriors(name: str) -> tuple:
@@ -194,26 +193,11 @@ def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None
     return out
 
 
-class TargetInContext:
-    """Stage2Data whose context views always include the target itself (the ablation of leave-one-out)."""
+class TargetInContext(Stage2Data):
+    """Stage-2 data whose body condition also aggregates the target view itself (the ablation of leave-one-out)."""
 
-    def __init__(self, data: Any) -> None:
-        self._data = data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._data, name)
-
-    def batch(self, index: int, batch_size: int) -> dict[str, Any]:
-        batch = self._data.batch(index, batch_size)
-        bodies = []
-        for r in range(batch_size):
-            ident = self._data.identities[batch["identity_index"][r]]
-            ctx = sorted({*batch["context_indices"][r], batch["target_index"][r]})
-            mu, _ = aggregate_views(ident.body_mu[ctx].float(), ident.body_logvar[ctx].float(),
-                                    ident.body_weights[ctx].float(), self._data.sampling.prior_expert)
-            bodies.append(mu if bool(batch["body_present"][r]) else no_identity_like(mu))
-        batch["body"] = torch.stack(bodies)
-        return batch
+    def body_views(self, context: list[int], target: int) -> list[int]:
+        return sorted({*context, target})
 
 
 def train_adapter(cfg: ExperimentConfig, identities: list[Any], body_dim: int, unet: torch.nn.Module,
@@ -224,7 +208,6 @@ def train_adapter(cfg: ExperimentConfig, identities: list[Any], body_dim: int, u
     from training.stage2_components import Stage2Components
     from training.stage2_loop import Stage2TrainingConfig, train_stage2_loop
     from training.stage2_model import LossConfig
-    from training.stage2_sampling import SamplingConfig, Stage2Data
 
     s2 = cfg.stage2
     components = Stage2Components(unet=unet, noise_scheduler=make_train_scheduler(), vae=None,
@@ -232,9 +215,7 @@ def train_adapter(cfg: ExperimentConfig, identities: list[Any], body_dim: int, u
                                   base_model="synthetic-world-base")
     sampling = SamplingConfig(max_context_views=s2.max_context_views, seed=cfg.seed, drop_text=s2.drop_text,
                               drop_face=0.0, drop_body=s2.drop_body, drop_all=s2.drop_all)
-    data = Stage2Data(identities, sampling, components=components)
-    if target_in_context:
-        data = TargetInContext(data)
+    data = (TargetInContext if target_in_context else Stage2Data)(identities, sampling, components=components)
     torch.manual_seed(cfg.seed)
     adapter = init_adapter_from_unet(unet, adapter_config_for_unet(unet, body_dim=body_dim,
                                                                    body_tokens=s2.body_tokens, face_tokens=1))
