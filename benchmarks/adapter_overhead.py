@@ -114,8 +114,8 @@ def comfy_variants(comfy_path: Path, latent: int, batch: int) -> dict[str, Calla
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     patcher = comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(),
                                                comfy.model_management.unet_offload_device())
-    layers = pack.nodes.comfy_patch.adapter_layer_order(
-        pack.nodes.comfy_patch.enumerate_cross_attention_layers(model.diffusion_model))
+    layers = pack.nodes.comfy_layers.adapter_layer_order(
+        pack.nodes.comfy_layers.enumerate_cross_attention_layers(model.diffusion_model))
     config = pack.bolid.config.AdapterConfig(context_dim=768, hidden_sizes=tuple(la.hidden_size for la in layers),
                                              body_dim=BODY_DIM, face_tokens=FACE_TOKENS, body_tokens=BODY_TOKENS)
     adapter = pack.bolid.adapter.BoLIDAdapter(config).eval().requires_grad_(False)

@@ -223,8 +223,8 @@ def comfy_variants(comfy_path: Path, device: torch.device, dtype: torch.dtype, t
     model.diffusion_model.to(device=device, dtype=dtype)
     model.eval()
     patcher = comfy.model_patcher.ModelPatcher(model, device, comfy.model_management.unet_offload_device())
-    patch = pack.nodes.comfy_patch
-    layers = patch.adapter_layer_order(patch.enumerate_cross_attention_layers(model.diffusion_model))
+    comfy_layers = pack.nodes.comfy_layers
+    layers = comfy_layers.adapter_layer_order(comfy_layers.enumerate_cross_attention_layers(model.diffusion_model))
     config = pack.bolid.config.AdapterConfig(context_dim=ctx, hidden_sizes=tuple(la.hidden_size for la in layers),
                                              body_dim=body_dim, face_tokens=FACE_TOKENS, body_tokens=BODY_TOKENS)
     adapter = pack.bolid.adapter.BoLIDAdapter(config).eval().requires_grad_(False)

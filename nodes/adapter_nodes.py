@@ -13,14 +13,8 @@ from ..bolid.adapter_io import BODY_ENCODER_HASH_KEY, load_adapter
 from ..bolid.errors import EmbeddingError
 from ..bolid.identity import BodyID, FaceEmbeds, complete_identity
 from .comfy_env import model_file_list, model_file_path
-from .comfy_patch import (
-    BoLIDPatchState,
-    check_adapter_fits,
-    compute_dtype,
-    model_compute_dtype,
-    register_patches,
-    supported_cross_attention_layers,
-)
+from .comfy_layers import check_adapter_fits, compute_dtype, model_compute_dtype, supported_cross_attention_layers
+from .comfy_patch import BoLIDPatchState, register_patches
 from .validate import warn_if_body_id_unverified
 
 logger = logging.getLogger("bolid")

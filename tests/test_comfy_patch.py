@@ -123,12 +123,11 @@ def test_kv_computed_once_and_expanded_not_copied(pack, setup):
 
 def test_identity_kv_never_stored_in_fp8(pack, setup):
     _, adapter, face, body = setup
-    patch_mod = pack.nodes.comfy_patch
     for dtype, expected in [(torch.float8_e4m3fn, torch.float32), (torch.bfloat16, torch.bfloat16),
                             (torch.float16, torch.float16), (None, torch.float32)]:
         state = _state(pack, adapter, face, body, kv_dtype=dtype)
         assert {p.dtype for p in state.identity_kv.parameters()} == {expected}
-    assert patch_mod.compute_dtype(torch.float8_e5m2) == torch.float32
+    assert pack.nodes.comfy_layers.compute_dtype(torch.float8_e5m2) == torch.float32
 
 
 def test_mask_resized_from_activations_shape(pack, setup):
@@ -178,10 +177,9 @@ def test_wraps_foreign_patch_and_deepcopy_shares_weights(pack, setup):
 
 
 def test_layer_order_maps_comfy_blocks_to_diffusers_order(pack):
-    patch_mod = pack.nodes.comfy_patch
-    layers = [patch_mod.ComfyLayer(key, 8, 32) for key in
+    layers = [pack.nodes.comfy_layers.ComfyLayer(key, 8, 32) for key in
               [("input", 1, 0), ("input", 2, 0), ("middle", 0, 0), ("middle", 0, 1), ("output", 3, 0)]]
-    ordered = patch_mod.adapter_layer_order(layers)
+    ordered = pack.nodes.comfy_layers.adapter_layer_order(layers)
     assert [layer.key for layer in ordered] == [("input", 1, 0), ("input", 2, 0), ("output", 3, 0),
                                                 ("middle", 0, 0), ("middle", 0, 1)]
 
@@ -271,20 +269,19 @@ def _stand_in_model(pack, diffusion_model, family):
 def test_unsupported_families_are_refused_by_name(pack):
     from test_adapter_nodes import _transformer
 
-    patch_mod = pack.nodes.comfy_patch
     errors = pack.bolid.errors
     flux = type("Flux", (torch.nn.Module,), {})()
     flux.double_blocks = torch.nn.ModuleList()
     with pytest.raises(errors.UnsupportedModelError, match=r"the model is Flux \(Flux\), not a UNet with SD1.5/SDXL"):
-        patch_mod.supported_cross_attention_layers(_stand_in_model(pack, flux, "Flux"))
+        pack.nodes.comfy_layers.supported_cross_attention_layers(_stand_in_model(pack, flux, "Flux"))
     with torch.device("meta"):
         sd2 = torch.nn.Module()
         sd2.input_blocks = torch.nn.ModuleList([torch.nn.Sequential(_transformer(320, ctx=1024))])
         sd2.middle_block = torch.nn.Sequential(_transformer(1280, ctx=1024))
         sd2.output_blocks = torch.nn.ModuleList()
     with pytest.raises(errors.UnsupportedModelError, match=r"the model is SD2.x \(SD20, text context 1024\)"):
-        patch_mod.supported_cross_attention_layers(_stand_in_model(pack, sd2, "SD20"))
+        pack.nodes.comfy_layers.supported_cross_attention_layers(_stand_in_model(pack, sd2, "SD20"))
     video = type("VideoUNet", (torch.nn.Module,), {})()
     video.input_blocks, video.middle_block, video.output_blocks = sd2.input_blocks, sd2.middle_block, sd2.output_blocks
     with pytest.raises(errors.UnsupportedModelError, match=r"SVD_img2vid \(VideoUNet\), a video UNet"):
-        patch_mod.supported_cross_attention_layers(_stand_in_model(pack, video, "SVD_img2vid"))
+        pack.nodes.comfy_layers.supported_cross_attention_layers(_stand_in_model(pack, video, "SVD_img2vid"))

@@ -33,7 +33,8 @@ def _apply_bolid(pack, model, adapter, weights=(0.8, 1.2), seed=0, **state_kw):
     patch_mod = pack.nodes.comfy_patch
     state = patch_mod.BoLIDPatchState(adapter=adapter, embeds=_identity(seed),
                                       weights={"face": weights[0], "body": weights[1]}, **state_kw)
-    ordered = patch_mod.check_adapter_fits(adapter.config, patch_mod.supported_cross_attention_layers(model))
+    layers = pack.nodes.comfy_layers
+    ordered = layers.check_adapter_fits(adapter.config, layers.supported_cross_attention_layers(model))
     return patch_mod.register_patches(model, state, ordered)
 
 
