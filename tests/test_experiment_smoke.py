@@ -111,10 +111,18 @@ def test_recipe_probe_runs_each_probe(tmp_path, what):
             "stage1.width=8", "stage1.hidden=16", "stage1.max_steps=2", "stage1.batch_size=4", "stage2.max_steps=2",
             "stage2.batch_size=2", "stage2.warmup_steps=1", "sampling.steps=2", f"output_dir={tmp_path / 'o'}"]
     out = tmp_path / "probe.json"
-    assert main([what, *sum((["--set", s] for s in sets), []), "--out", str(out)]) == 0
+    extra = ["--loss-share", "--body-guidance", "3"] if what == "oracle" else []
+    assert main([what, *sum((["--set", s] for s in sets), []), *extra, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["probe"] == what and result["overrides"]["stage2"]["max_steps"] == 2
     if what == "stage1":
         assert result["stage1"]["halves_identification"]["n_candidates"] == 3
+        with pytest.raises(SystemExit, match="oracle probe"):
+            main([what, "--loss-share", "--out", str(out)])
     else:
         assert set(result["text"]) == set(result["oracle"]) and 0 <= result["oracle"]["skin_error"] <= 1
+        assert set(result["oracle_body_guidance"]["3.0"]) == set(result["oracle"]) | {"guidance", "body_guidance"}
+        share = result["loss_share"]
+        assert set(share) == {"all", "t0-250", "t250-500", "t500-750", "t750-1000"}
+        assert share["all"]["n_rows"] == 3 * 8 and share["t0-250"]["n_rows"] == 3 * 2
+        assert math.isfinite(share["all"]["swapped_minus_own"]["mean"]["estimate"])

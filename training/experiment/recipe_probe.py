@@ -4,6 +4,9 @@
     python -m training.experiment.recipe_probe stage1 --set stage1.max_steps=1500 --out probe_stage1.json
     # the oracle adapter alone (the top of the ladder): does it transfer skin, hair and body at all?
     python -m training.experiment.recipe_probe oracle --set stage2.max_steps=900 --out probe_oracle.json
+    # ... and how much of L_diff its body condition explains (training.experiment.loss_share), and what
+    # guiding the body on its own at generation does (stages.generate's body_guidance)
+    python -m training.experiment.recipe_probe oracle --loss-share --body-guidance 3 5 8 --out probe.json
 
 Same world, held-out people, captions, seeds and measurements as the experiment (``analysis.measure``); ``--set
 table.key=value`` overrides the experiment config (typed, so a typo is an error). Used to choose the default
@@ -28,6 +31,7 @@ from bolid.safetensors_io import atomic_write_text
 from .analysis import generation_rows, measure, references_of, stage1_checks
 from .conditions import ORACLE, TEXT
 from .config import ExperimentConfig
+from .loss_share import loss_share, per_row_losses
 from .stages import (
     generate,
     heldout_body,
@@ -70,8 +74,10 @@ def probe_stage1(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"stage1": checks, "train_seconds": round(seconds, 1), "final_losses": [float(v) for v in losses[-5:]]}
 
 
-def probe_oracle(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Text only against the oracle adapter (true identity vector), same captions and noise."""
+def probe_oracle(cfg: ExperimentConfig, body_guidance: tuple[float, ...] = (), with_loss_share: bool = False
+                 ) -> dict[str, Any]:
+    """Text only against the oracle adapter (true identity vector), same captions and noise; optionally the oracle
+    sampled with separate body guidance, and the share of L_diff its body condition explains."""
     unet, text, pose = load_world_models(cfg.assets)
     world = render_world(cfg)
     names = sorted(world.heldout)
@@ -82,18 +88,31 @@ def probe_oracle(cfg: ExperimentConfig) -> dict[str, Any]:
     adapter, losses = train_adapter(cfg, identities, body.body_dim(None), unet, text, pose)
     seconds = time.time() - t0
     refs = references_of(world, pose, cfg.seed)
-    own = torch.stack([heldout_body(ORACLE.body, world.heldout[names[p]], None, pose) for p in rows.person])
+    table = {n: heldout_body(ORACLE.body, world.heldout[n], None, pose) for n in names}
+    own = torch.stack([table[names[p]] for p in rows.person])
     out: dict[str, Any] = {"train_seconds": round(seconds, 1),
                            "final_loss_mean_of_50": float(np.mean([float(r["loss"]) for r in losses[-50:]]))}
     smp = cfg.sampling
-    for cond, ad in ((TEXT, None), (ORACLE, adapter)):
-        images = generate(unet, text, rows.captions, rows.seeds, ad, own if ad is not None else None, smp.steps,
-                          smp.guidance, smp.batch)
+
+    def measured(images: np.ndarray) -> dict[str, float]:
         m = measure(pose.read(images), rows.person, refs, rows.truth_attributes)
-        out[cond.key] = {k: float(np.mean(m[k])) for k in ("skin_error", "hair_error", "body_error",
-                                                            "caption_attributes", "failed_render")}
-        top1 = float(np.mean(m["appearance_distances"].argmin(1) == rows.person))
-        out[cond.key]["appearance_identification_top1"] = top1
+        res = {k: float(np.mean(m[k])) for k in ("skin_error", "hair_error", "body_error", "caption_attributes",
+                                                  "failed_render")}
+        res["appearance_identification_top1"] = float(np.mean(m["appearance_distances"].argmin(1) == rows.person))
+        return res
+
+    for cond, ad in ((TEXT, None), (ORACLE, adapter)):
+        out[cond.key] = measured(generate(unet, text, rows.captions, rows.seeds, ad, own if ad is not None else None,
+                                          smp.steps, smp.guidance, smp.batch))
+    if body_guidance:
+        out["oracle_body_guidance"] = {
+            str(g): measured(generate(unet, text, rows.captions, rows.seeds, adapter, own, smp.steps, smp.guidance,
+                                      smp.batch, body_guidance=g)) | {"guidance": smp.guidance, "body_guidance": g}
+            for g in body_guidance}
+    if with_loss_share:
+        swapped = torch.stack([table[names[(p + 1) % len(names)]] for p in rows.person])
+        per_row = per_row_losses(unet, text, adapter, np.stack(rows.target_images), rows.captions, own, swapped, cfg.seed)
+        out["loss_share"] = loss_share(per_row, rows.person, n_boot=cfg.stats.n_boot, seed=cfg.seed)
     return out
 
 
@@ -102,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("stage1", "oracle"))
     p.add_argument("--config", default="training/configs/experiment.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
+    p.add_argument("--body-guidance", type=float, nargs="+", default=[], metavar="G",
+                   help="oracle: also sample with these separate body guidance scales")
+    p.add_argument("--loss-share", action="store_true",
+                   help="oracle: also measure how much of L_diff the body condition explains")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
@@ -110,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    result = (probe_stage1 if args.what == "stage1" else probe_oracle)(cfg)
+    if args.what == "stage1" and (args.body_guidance or args.loss_share):
+        raise SystemExit("--body-guidance and --loss-share belong to the oracle probe")
+    result = probe_stage1(cfg) if args.what == "stage1" else probe_oracle(cfg, tuple(args.body_guidance),
+                                                                            args.loss_share)
     result.update(probe=args.what, overrides=overrides, seconds=round(time.time() - t0, 1),
                   threads=torch.get_num_threads(), config=cfg.as_dict())
     out = Path(args.out)

@@ -239,9 +239,16 @@ def initial_noise(seeds: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], seeds: list[int],
              adapter: Any = None, bodies: torch.Tensor | None = None, steps: int = 20, guidance: float = 3.0,
-             batch: int = 128) -> np.ndarray:
+             batch: int = 128, body_guidance: float | None = None) -> np.ndarray:
     """DDIM with classifier-free guidance; the unconditional branch has no text and (with an adapter) a zero
-    body, as in training's condition dropout. Same seed -> same initial noise in every arm."""
+    body, as in training's condition dropout. Same seed -> same initial noise in every arm.
+
+    ``body_guidance`` (with an adapter; None: one guidance for text and body together, the experiment's sampler)
+    guides the body on its own, from a third pass with the caption but no body:
+    uncond + guidance * (text - uncond) + body_guidance * (text and body - text)."""
+    if body_guidance is not None and adapter is None:
+        raise ValueError("body_guidance needs an adapter")
+    passes = 2 if body_guidance is None else 3
     out = []
     empty = text([""])
     noise = initial_noise(seeds)
@@ -250,17 +257,22 @@ def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], s
         n = len(caps)
         sched = make_sample_scheduler()
         sched.set_timesteps(steps)
-        ctx = torch.cat([empty.expand(n, -1, -1), text(caps)])
+        cond = text(caps)
+        ctx = torch.cat([empty.expand(n, -1, -1), *[cond] * (passes - 1)])
         x = noise[start : start + batch].clone()
         controller = None
         if adapter is not None:
             controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
             b = bodies[start : start + batch].float()
-            controller.set_identity(None, torch.cat([no_identity_like(b), b]))
+            controller.set_identity(None, torch.cat([*[no_identity_like(b)] * (passes - 1), b]))
         try:
             for t in sched.timesteps:
-                pred = unet(torch.cat([x, x]), t, ctx).sample
-                pred = pred[:n] + guidance * (pred[n:] - pred[:n])
+                pred = unet(torch.cat([x] * passes), t, ctx).sample
+                if body_guidance is None:
+                    pred = pred[:n] + guidance * (pred[n:] - pred[:n])
+                else:
+                    uncond, caption, both = pred[:n], pred[n : 2 * n], pred[2 * n :]
+                    pred = uncond + guidance * (caption - uncond) + body_guidance * (both - caption)
                 x = sched.step(pred, t, x).prev_sample
         finally:
             if controller is not None:
