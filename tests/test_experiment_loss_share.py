@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.experiment.loss_share import loss_share, stratified_timesteps
+from training.experiment.loss_share import loss_share, per_row_losses, stratified_timesteps
 
 
 def test_stratified_timesteps_put_every_draw_in_its_band():
@@ -21,41 +21,92 @@ def test_stratified_timesteps_put_every_draw_in_its_band():
 
 
 def test_loss_share_known_answer():
-    # 6 images of 3 people, 4 draws each (one per band); own is 0.1 below swapped everywhere, 0.2 below base
-    # only in the top band: the differences and shares come out exactly
+    # 6 images of 3 people, 2 draws per band; swapped - own varies by person (0.05 / 0.1 / 0.15), own beats base by
+    # 0.2 only in the top band; rows of one image are averaged before people are resampled
     rng = np.random.default_rng(0)
-    images, draws = 6, 4
-    t = np.tile(np.array([10, 300, 600, 900]), images)
+    images, draws = 6, 8
+    person = np.array([0, 0, 1, 1, 2, 2])
+    image = np.arange(images).repeat(draws)
+    t = np.tile(np.array([10, 300, 600, 900, 20, 400, 700, 950]), images)
     own = rng.uniform(0.5, 1.0, images * draws)
     base = own + np.where(t >= 750, 0.2, 0.0)
-    rows = {"base": base, "none": own + 0.05, "own": own, "swapped": own + 0.1, "timestep": t,
-            "image": np.arange(images).repeat(draws)}
-    person = np.array([0, 0, 1, 1, 2, 2])
-    out = loss_share(rows, person, n_boot=200)
-    assert out["all"]["swapped_minus_own"]["mean"]["estimate"] == pytest.approx(0.1)
-    assert out["all"]["swapped_minus_own"]["ci_excludes_zero"]
+    gap = np.array([0.05, 0.1, 0.15])[person[image]]
+    rows = {"base": base, "none": own + 0.05, "own": own, "swapped": own + gap, "timestep": t, "image": image,
+            "bands": 4, "num_train_timesteps": 1000}
+    out = loss_share(rows, person, n_boot=300)
+    assert set(out) == {"all", "t0-250", "t250-500", "t500-750", "t750-1000"}
+    sw = out["all"]["swapped_minus_own"]
+    assert sw["mean"]["estimate"] == pytest.approx(0.1)
+    assert 0.05 - 1e-9 <= sw["mean"]["lo"] < 0.1 < sw["mean"]["hi"] <= 0.15 + 1e-9 and sw["ci_excludes_zero"]
+    assert sw["share_of_base"]["estimate"] == pytest.approx(0.1 / base.mean())
     assert out["all"]["none_minus_own"]["mean"]["estimate"] == pytest.approx(0.05)
     assert out["t0-250"]["base_minus_own"]["mean"]["estimate"] == pytest.approx(0.0)
     top = out["t750-1000"]
     assert top["base_minus_own"]["mean"]["estimate"] == pytest.approx(0.2)
     assert top["base_minus_own"]["share_of_base"]["estimate"] == pytest.approx(0.2 / np.mean(base[t >= 750]))
     assert top["l_diff"]["own"]["estimate"] == pytest.approx(np.mean(own[t >= 750]))
-    assert top["n_rows"] == images and out["all"]["n_rows"] == images * draws
+    assert (top["n_rows"], top["n_images"], top["n_persons"]) == (images * 2, images, 3)
+    assert out["all"]["n_rows"] == images * draws
+
+
+def _tiny_adapter(body_dim: int = 5):
+    from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
+    from training.experiment.world_models import CaptionEncoder, make_base_unet
+
+    torch.manual_seed(0)
+    unet, text = make_base_unet().eval(), CaptionEncoder().eval()
+    adapter = init_adapter_from_unet(unet, adapter_config_for_unet(unet, body_dim=body_dim, body_tokens=2,
+                                                                   face_tokens=1))
+    with torch.no_grad():  # a body branch that acts strongly, so bodies and guidance scales show
+        for p in adapter.body_proj.parameters():
+            p.mul_(5.0)
+    return unet, text, adapter
+
+
+def test_per_row_losses_denoise_each_row_with_its_own_image_caption_and_body():
+    """Row i * draws + d is image i's draw d: rebuild one row by hand (same generator order) and compare."""
+    from bolid.diffusers_integration import BoLIDDiffusers
+    from training.experiment.world_models import make_train_scheduler, to_model_range
+    from training.stage2_model import diffusion_target
+
+    unet, text, adapter = _tiny_adapter()
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    captions = ["a person standing", "a person waving", "a person sitting"]
+    own, swapped = torch.randn(3, 5), torch.randn(3, 5)
+    draws = 4
+    rows = per_row_losses(unet, text, adapter, images, captions, own, swapped, seed=7, draws=draws, bands=2,
+                          batch=5)
+    assert rows["base"].shape == (12,) and rows["bands"] == 2 and rows["num_train_timesteps"] == 1000
+    assert np.array_equal(rows["image"], np.repeat(np.arange(3), draws))
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn((12, 3, 32, 32), generator=gen)
+    t = stratified_timesteps(3, draws, 2, 1000, gen)
+    assert np.array_equal(rows["timestep"], t.numpy())
+    sched = make_train_scheduler()
+    i, d = 2, 3
+    r = i * draws + d
+    x0 = to_model_range(images[i : i + 1])
+    xt = sched.add_noise(x0, noise[r : r + 1], t[r : r + 1])
+    target = diffusion_target(sched, x0, noise[r : r + 1], t[r : r + 1], "v_prediction")
+    with torch.no_grad():
+        for label, body in (("own", own), ("swapped", swapped)):
+            controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
+            controller.set_identity(None, body[i : i + 1])
+            pred = unet(xt, t[r : r + 1], text([captions[i]])).sample
+            controller.detach()
+            assert rows[label][r] == pytest.approx(float((pred - target).pow(2).mean()), rel=1e-4)
+        base = unet(xt, t[r : r + 1], text([captions[i]])).sample
+    assert rows["base"][r] == pytest.approx(float((base - target).pow(2).mean()), rel=1e-4)
+    assert not np.allclose(rows["own"], rows["swapped"])
 
 
 def test_body_guidance_equal_to_guidance_is_the_joint_guidance():
     """uncond + g (caption - uncond) + g (both - caption) = uncond + g (both - uncond): the separate body guidance
     at the caption's scale draws the experiment's images (up to float rounding); another scale changes them."""
-    from bolid.diffusers_integration import adapter_config_for_unet, init_adapter_from_unet
     from training.experiment.stages import generate
-    from training.experiment.world_models import CaptionEncoder, make_base_unet
 
-    torch.manual_seed(0)
-    unet, text = make_base_unet().eval(), CaptionEncoder().eval()
-    adapter = init_adapter_from_unet(unet, adapter_config_for_unet(unet, body_dim=5, body_tokens=2, face_tokens=1))
-    with torch.no_grad():  # a body branch that acts strongly, so guidance scales show
-        for p in adapter.body_proj.parameters():
-            p.mul_(5.0)
+    unet, text, adapter = _tiny_adapter()
     bodies = torch.randn(2, 5)
     args = (unet, text, ["a person standing", "a person waving"], [1, 2], adapter, bodies, 3, 2.0)
     joint = generate(*args).astype(int)

@@ -103,7 +103,7 @@ def test_recipe_probe_overrides_are_typed():
 
 @pytest.mark.skipif(not (ASSETS / "base_unet.safetensors").is_file(), reason="world models not committed")
 @pytest.mark.parametrize("what", ["stage1", "oracle"])
-def test_recipe_probe_runs_each_probe(tmp_path, what):
+def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
     from training.experiment.recipe_probe import main
 
     sets = ["threads=1", "world.train_identities=4", "world.photos_per_identity=3", "world.heldout_identities=3",
@@ -117,12 +117,14 @@ def test_recipe_probe_runs_each_probe(tmp_path, what):
     assert result["probe"] == what and result["overrides"]["stage2"]["max_steps"] == 2
     if what == "stage1":
         assert result["stage1"]["halves_identification"]["n_candidates"] == 3
-        with pytest.raises(SystemExit, match="oracle probe"):
+        with pytest.raises(SystemExit):
             main([what, "--loss-share", "--out", str(out)])
+        assert "belong to the oracle probe" in capsys.readouterr().err
     else:
         assert set(result["text"]) == set(result["oracle"]) and 0 <= result["oracle"]["skin_error"] <= 1
         assert set(result["oracle_body_guidance"]["3.0"]) == set(result["oracle"]) | {"guidance", "body_guidance"}
         share = result["loss_share"]
         assert set(share) == {"all", "t0-250", "t250-500", "t500-750", "t750-1000"}
         assert share["all"]["n_rows"] == 3 * 8 and share["t0-250"]["n_rows"] == 3 * 2
+        assert share["all"]["n_images"] == 3 and share["all"]["n_persons"] == 3
         assert math.isfinite(share["all"]["swapped_minus_own"]["mean"]["estimate"])

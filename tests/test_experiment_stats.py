@@ -289,3 +289,26 @@ def test_own_minus_others_sign_and_values():
     d[np.arange(persons.size), persons] += 0.6
     bad = permutation_pvalue_own_minus_others(d, persons, n_perm=999)
     assert bad["observed"] > 0 and bad["p_value"] > 0.9
+
+
+def test_ratio_of_means_known_answers():
+    from training.experiment.stats import ratio_of_means
+
+    person = np.repeat(np.arange(6), 3)
+    whole = np.linspace(1.0, 2.0, 18)
+    exact = ratio_of_means(0.1 * whole, whole, person, n_boot=300)
+    assert exact.estimate == pytest.approx(0.1) and exact.lo == pytest.approx(0.1) and exact.hi == pytest.approx(0.1)
+    # persons 0-2 keep 10 %, persons 3-5 keep 30 %: the estimate is the ratio of the means, every resample's ratio
+    # lies between the two, and an unequal mix of persons moves it (the CI is not a point)
+    part = np.where(person < 3, 0.1, 0.3) * whole
+    mixed = ratio_of_means(part, whole, person, n_boot=300)
+    assert mixed.estimate == pytest.approx(part.mean() / whole.mean())
+    assert 0.1 <= mixed.lo < mixed.estimate < mixed.hi <= 0.3
+    assert (mixed.n, mixed.n_clusters) == (18, 6)
+    part_nan = part.copy()
+    part_nan[0] = np.nan
+    assert ratio_of_means(part_nan, whole, person, n_boot=50).n_dropped == 1
+    with pytest.raises(ValueError, match="paired image by image"):
+        ratio_of_means(part[:5], whole, person)
+    with pytest.raises(ValueError, match="> 0"):
+        ratio_of_means(part, -whole, person)

@@ -25,7 +25,7 @@ from bolid.diffusers_integration import BoLIDDiffusers
 from bolid.identity import no_identity_like
 from training.stage2_model import diffusion_target
 
-from .stats import paired_difference, summarise
+from .stats import paired_difference, ratio_of_means, summarise
 from .world_models import CaptionEncoder, make_train_scheduler, to_model_range
 
 BODY_CONDITIONS = ("none", "own", "swapped")
@@ -45,30 +45,32 @@ def stratified_timesteps(n_rows: int, draws: int, bands: int, num_train_timestep
 @torch.no_grad()
 def per_row_losses(unet: torch.nn.Module, text: CaptionEncoder, adapter: Any, images: np.ndarray,
                    captions: list[str], own: torch.Tensor, swapped: torch.Tensor, seed: int, draws: int = 8,
-                   bands: int = 4, batch: int = 128) -> dict[str, np.ndarray]:
-    """Per-row L_diff (mean over pixels) of every condition on the same x_t; rows are image-major
-    (image i, draw d at row i * draws + d). Also returns the rows' ``timestep`` and ``image`` index."""
+                   bands: int = 4, batch: int = 128) -> dict[str, Any]:
+    """Per-row L_diff (mean over pixels) of every condition on the same x_t. ``images`` are generation rows (a
+    photo repeats when it has several seeds); rows here are image-major: image i, draw d at row i * draws + d.
+    Also returns each row's ``timestep`` and ``image`` index, and the ``bands`` and ``num_train_timesteps``."""
     sched = make_train_scheduler()
     num_t = int(sched.config.num_train_timesteps)
     gen = torch.Generator().manual_seed(int(seed))
-    n = len(images)
     x0 = to_model_range(images).repeat_interleave(draws, 0)
     noise = torch.randn(x0.shape, generator=gen)
-    t = stratified_timesteps(n, draws, bands, num_t, gen)
+    t = stratified_timesteps(len(images), draws, bands, num_t, gen)
     xt = sched.add_noise(x0, noise, t)
     target = diffusion_target(sched, x0, noise, t, sched.config.prediction_type)
     ctx = text(captions).repeat_interleave(draws, 0)
     bodies = {"none": no_identity_like(own), "own": own, "swapped": swapped}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
     for label in ("base", *BODY_CONDITIONS):
         controller = None
+        rows_body = None
         if label != "base":
             controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
+            rows_body = bodies[label].float().repeat_interleave(draws, 0)
         try:
             losses = []
             for s in range(0, len(t), batch):
                 if controller is not None:
-                    controller.set_identity(None, bodies[label].float().repeat_interleave(draws, 0)[s : s + batch])
+                    controller.set_identity(None, rows_body[s : s + batch])
                 pred = unet(xt[s : s + batch], t[s : s + batch], ctx[s : s + batch]).sample
                 losses.append((pred.float() - target[s : s + batch]).pow(2).flatten(1).mean(1))
         finally:
@@ -76,36 +78,38 @@ def per_row_losses(unet: torch.nn.Module, text: CaptionEncoder, adapter: Any, im
                 controller.detach()
         out[label] = torch.cat(losses).numpy()
     out["timestep"] = t.numpy()
-    out["image"] = np.arange(n).repeat(draws)
+    out["image"] = np.arange(len(images)).repeat(draws)
+    out["bands"], out["num_train_timesteps"] = bands, num_t
     return out
 
 
-def loss_share(rows: dict[str, np.ndarray], person: np.ndarray, bands: int = 4, num_train_timesteps: int = 1000,
-               n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+def loss_share(rows: dict[str, Any], person: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Per band and overall: each condition's mean L_diff, and the paired differences ``swapped - own``
-    (identity-specific), ``none - own`` and ``base - own``, each also relative to ``base`` (the share of the base
-    model's L_diff). Rows of one image are averaged first, then CIs resample people."""
-    row_person = person[rows["image"]]
-    width = num_train_timesteps // bands
+    (identity-specific), ``none - own`` and ``base - own``, each also as a share of ``base``'s mean L_diff
+    (:func:`stats.ratio_of_means`: its CI resamples numerator and denominator together). Rows of one image are
+    averaged first (``person`` [n_images]: whose image each is), then CIs resample people."""
+    width = rows["num_train_timesteps"] // rows["bands"]
     selections = {"all": np.ones(len(rows["timestep"]), dtype=bool)}
-    selections.update({f"t{k * width}-{(k + 1) * width}": rows["timestep"] // width == k for k in range(bands)})
+    selections.update({f"t{k * width}-{(k + 1) * width}": rows["timestep"] // width == k
+                       for k in range(rows["bands"])})
     out: dict[str, Any] = {}
     for name, sel in selections.items():
-        per_image = {k: _mean_by(rows[k][sel], rows["image"][sel]) for k in ("base", *BODY_CONDITIONS)}
-        who = _mean_by(row_person[sel], rows["image"][sel]).astype(int)
-        base_mean = float(np.mean(per_image["base"]))
-        band: dict[str, Any] = {"l_diff": {k: summarise(v, who, n_boot, seed=seed)["mean"] for k, v in per_image.items()}}
+        images = rows["image"][sel]
+        per_image = {k: _mean_by(rows[k][sel], images) for k in ("base", *BODY_CONDITIONS)}
+        who = person[np.unique(images)]
+        band: dict[str, Any] = {"l_diff": {k: summarise(v, who, n_boot, seed=seed)["mean"]
+                                           for k, v in per_image.items()}}
         for a in ("swapped", "none", "base"):
             diff = paired_difference(per_image[a], per_image["own"], who, n_boot, seed=seed)
-            band[f"{a}_minus_own"] = {"mean": diff["mean"], "share_of_base": {
-                k: diff["mean"][k] / base_mean for k in ("estimate", "lo", "hi")},
-                "ci_excludes_zero": diff["ci_excludes_zero"]["mean"]}
-        band["n_rows"] = int(sel.sum())
+            share = ratio_of_means(per_image[a] - per_image["own"], per_image["base"], who, n_boot, seed=seed)
+            band[f"{a}_minus_own"] = {"mean": diff["mean"], "ci_excludes_zero": diff["ci_excludes_zero"]["mean"],
+                                      "share_of_base": {"estimate": share.estimate, "lo": share.lo, "hi": share.hi}}
+        band.update(n_rows=int(sel.sum()), n_images=len(who), n_persons=int(len(np.unique(who))))
         out[name] = band
     return out
 
 
 def _mean_by(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Mean of ``values`` per group, groups in ascending order."""
-    keys, inverse = np.unique(groups, return_inverse=True)
-    return np.bincount(inverse, weights=values.astype(float), minlength=len(keys)) / np.bincount(inverse)
+    _, inverse = np.unique(groups, return_inverse=True)
+    return np.bincount(inverse, weights=values.astype(float)) / np.bincount(inverse)

@@ -127,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="oracle: also measure how much of L_diff the body condition explains")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
+    if args.what == "stage1" and (args.body_guidance or args.loss_share):
+        p.error("--body-guidance and --loss-share belong to the oracle probe")
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     overrides = parse_overrides(args.overrides)
     cfg = ExperimentConfig.load(args.config, overrides)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    if args.what == "stage1" and (args.body_guidance or args.loss_share):
-        raise SystemExit("--body-guidance and --loss-share belong to the oracle probe")
     result = probe_stage1(cfg) if args.what == "stage1" else probe_oracle(cfg, tuple(args.body_guidance),
                                                                             args.loss_share)
     result.update(probe=args.what, overrides=overrides, seconds=round(time.time() - t0, 1),

@@ -205,6 +205,28 @@ def summarise(values: Sequence[float] | np.ndarray, clusters: Sequence[Any] | np
     return out
 
 
+def ratio_of_means(part: Sequence[float] | np.ndarray, whole: Sequence[float] | np.ndarray,
+                   clusters: Sequence[Any] | np.ndarray, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+                   ) -> Estimate:
+    """``mean(part) / mean(whole)`` over the same images (e.g. a loss difference as a share of a loss), with a
+    person-clustered CI: numerator and denominator come from the very same resamples, so the interval carries
+    the uncertainty of both. Images where either value is NaN are dropped and counted."""
+    _check_params(n_boot, ci)
+    pv, wv = _as_1d_float(part, "part"), _as_1d_float(whole, "whole")
+    if pv.shape != wv.shape:
+        raise StatisticsInputError(f"part and whole must be paired image by image; got {pv.shape[0]} and "
+                                   f"{wv.shape[0]} values.")
+    c = _labels(clusters, pv.shape[0], "clusters")
+    keep = ~(np.isnan(pv) | np.isnan(wv))
+    pv, idx, k, _ = _prepare(pv[keep], c[keep], "part")
+    wv = wv[keep]
+    if not np.mean(wv) > 0:
+        raise StatisticsInputError("mean(whole) must be > 0 for a share of it.")
+    counts = _draw_counts(k, n_boot, np.random.default_rng(seed))
+    lo, hi = _interval(_boot_mean(pv, idx, counts) / _boot_mean(wv, idx, counts), ci)
+    return Estimate(float(np.mean(pv) / np.mean(wv)), lo, hi, int(pv.shape[0]), k, int((~keep).sum()))
+
+
 def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
                       clusters: Sequence[Any] | np.ndarray, n_boot: int = 2000, ci: float = 0.95,
                       seed: int = 0) -> dict[str, Any]:
