@@ -32,6 +32,7 @@ from .analysis import generation_rows, measure, references_of, stage1_checks
 from .conditions import ORACLE, TEXT
 from .config import ExperimentConfig
 from .loss_share import loss_share, per_row_losses
+from .run import row_bodies
 from .stages import (
     generate,
     heldout_body,
@@ -89,7 +90,7 @@ def probe_oracle(cfg: ExperimentConfig, body_guidance: tuple[float, ...] = (), w
     seconds = time.time() - t0
     refs = references_of(world, pose, cfg.seed)
     table = {n: heldout_body(ORACLE.body, world.heldout[n], None, pose) for n in names}
-    own = torch.stack([table[names[p]] for p in rows.person])
+    own = row_bodies(table, names, rows.person)
     out: dict[str, Any] = {"train_seconds": round(seconds, 1),
                            "final_loss_mean_of_50": float(np.mean([float(r["loss"]) for r in losses[-50:]]))}
     smp = cfg.sampling
@@ -110,7 +111,7 @@ def probe_oracle(cfg: ExperimentConfig, body_guidance: tuple[float, ...] = (), w
                                       smp.batch, body_guidance=g)) | {"guidance": smp.guidance, "body_guidance": g}
             for g in body_guidance}
     if with_loss_share:
-        swapped = torch.stack([table[names[(p + 1) % len(names)]] for p in rows.person])
+        swapped = row_bodies(table, names, rows.person, donor_shift=1)
         per_row = per_row_losses(unet, text, adapter, np.stack(rows.target_images), rows.captions, own, swapped, cfg.seed)
         out["loss_share"] = loss_share(per_row, rows.person, n_boot=cfg.stats.n_boot, seed=cfg.seed)
     return out

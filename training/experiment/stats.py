@@ -165,6 +165,21 @@ def _prepare(values: Any, clusters: Any, name: str = "values") -> tuple[np.ndarr
     return v, idx, k, n_dropped
 
 
+def _paired(a: Any, b: Any, clusters: Any, name_a: str, name_b: str
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Two measurements of the same images: check they pair up, drop (and count) pairs with a NaN on either side."""
+    av, bv = _as_1d_float(a, name_a), _as_1d_float(b, name_b)
+    if av.shape != bv.shape:
+        raise StatisticsInputError(f"{name_a} and {name_b} must be paired image by image; got {av.shape[0]} and "
+                                   f"{bv.shape[0]} values.")
+    c = _labels(clusters, av.shape[0], "clusters")
+    keep = ~(np.isnan(av) | np.isnan(bv))
+    if not keep.any():
+        raise StatisticsInputError(f"Every one of the {av.shape[0]} pairs has a NaN in {name_a} or {name_b}; "
+                                   "nothing to compare.")
+    return av[keep], bv[keep], c[keep], int((~keep).sum())
+
+
 # ------------------------------------------------------------------------------------------------ public API
 
 
@@ -212,19 +227,13 @@ def ratio_of_means(part: Sequence[float] | np.ndarray, whole: Sequence[float] | 
     person-clustered CI: numerator and denominator come from the very same resamples, so the interval carries
     the uncertainty of both. Images where either value is NaN are dropped and counted."""
     _check_params(n_boot, ci)
-    pv, wv = _as_1d_float(part, "part"), _as_1d_float(whole, "whole")
-    if pv.shape != wv.shape:
-        raise StatisticsInputError(f"part and whole must be paired image by image; got {pv.shape[0]} and "
-                                   f"{wv.shape[0]} values.")
-    c = _labels(clusters, pv.shape[0], "clusters")
-    keep = ~(np.isnan(pv) | np.isnan(wv))
-    pv, idx, k, _ = _prepare(pv[keep], c[keep], "part")
-    wv = wv[keep]
+    pv, wv, c, n_dropped = _paired(part, whole, clusters, "part", "whole")
+    pv, idx, k, _ = _prepare(pv, c, "part")
     if not np.mean(wv) > 0:
         raise StatisticsInputError("mean(whole) must be > 0 for a share of it.")
     counts = _draw_counts(k, n_boot, np.random.default_rng(seed))
     lo, hi = _interval(_boot_mean(pv, idx, counts) / _boot_mean(wv, idx, counts), ci)
-    return Estimate(float(np.mean(pv) / np.mean(wv)), lo, hi, int(pv.shape[0]), k, int((~keep).sum()))
+    return Estimate(float(np.mean(pv) / np.mean(wv)), lo, hi, int(pv.shape[0]), k, n_dropped)
 
 
 def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
@@ -248,18 +257,8 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
       - ``n_images``, ``n_persons``, ``n_dropped``, ``ci``, ``n_boot``.
     """
     _check_params(n_boot, ci)
-    av = _as_1d_float(a, "a")
-    bv = _as_1d_float(b, "b")
-    if av.shape != bv.shape:
-        raise StatisticsInputError(f"a and b must be paired image by image; got {av.shape[0]} and {bv.shape[0]} "
-                                   "values.")
-    c = _labels(clusters, av.shape[0], "clusters")
-    keep = ~(np.isnan(av) | np.isnan(bv))
-    n_dropped = int((~keep).sum())
-    if not keep.any():
-        raise StatisticsInputError(f"Every one of the {av.shape[0]} pairs has a NaN in a or b; nothing to compare.")
-    av, bv = av[keep], bv[keep]
-    d, idx, k, _ = _prepare(av - bv, c[keep], "paired differences")
+    av, bv, c, n_dropped = _paired(a, b, clusters, "a", "b")
+    d, idx, k, _ = _prepare(av - bv, c, "paired differences")
     counts = _draw_counts(k, n_boot, np.random.default_rng(seed))
 
     out: dict[str, Any] = {}
