@@ -57,3 +57,15 @@ def aggregate_appearance(desc: torch.Tensor, conf: torch.Tensor, dim: int = 0) -
     """Confidence-weighted mean over photos (the identity's appearance) and the mean confidence."""
     total = conf.sum(dim)
     return (desc * conf).sum(dim) / total.clamp_min(1e-6), conf.mean(dim)
+
+
+def image_appearance(images: torch.Tensor, keypoints: torch.Tensor, radius: float = 0.03
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`appearance_descriptor` of whole images: images [N, 3, H, W] in ~0..1, keypoints [N, 17, 3] in the
+    images' pixels (x, y, confidence). Stage 2 uses it on its training views and on the predicted x0 (the
+    ``appearance`` term of L_id), so both sides are read the same way."""
+    h, w = images.shape[-2:]
+    kp = keypoints.to(images.dtype).clone()
+    kp[..., 0] = kp[..., 0] / w
+    kp[..., 1] = kp[..., 1] / h
+    return appearance_descriptor(images, kp, radius)

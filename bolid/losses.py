@@ -6,6 +6,8 @@
   normalisation, weighted by (detached) generated-joint confidence times reference confidence.
 * :func:`proportion_identity_loss`: the default ``proportions`` form, built on THE proportion function
   (:mod:`bolid.proportions`): bone lengths / torso length of the generated person vs the identity's reference.
+* :func:`appearance_identity_loss`: the ``appearance`` term of L_id, the generated person's colours at body
+  landmarks (:mod:`bolid.appearance`: head, hair, wrists, ankles) vs the identity's reference colours.
 * :func:`clip_alignment_loss`: 1 - cos(image embedding, text embedding).
 
 All functions take batched tensors and return a scalar averaged over the rows; confidence weights of the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .appearance import image_appearance
 from .keypoints import BODY_JOINTS
 from .proportions import body_proportions, proportion_error
 
@@ -66,6 +69,18 @@ def proportion_identity_loss(gen_xy: torch.Tensor, gen_conf: torch.Tensor, ref_p
     props, conf = body_proportions(gen_xy, gen_conf.detach())
     w = conf.detach() * ref_conf
     return proportion_error(props, ref_props, w, dim=-1).mean()
+
+
+def appearance_identity_loss(images: torch.Tensor, keypoints: torch.Tensor, ref_appearance: torch.Tensor,
+                             ref_conf: torch.Tensor) -> torch.Tensor:
+    """L_id ``appearance``: colours read at the target view's landmarks of the generated image vs the identity's.
+
+    images [B, 3, H, W] in ~0..1 (the decoded x0_hat), keypoints [B, 17, 3] in its pixels (those of the training
+    view it reconstructs: at high noise the pose model cannot find the joints in x0_hat, but the colours there are
+    already decided), ref_appearance / ref_conf [B, 12]. Per row the confidence-weighted squared colour error,
+    then the mean over rows."""
+    desc, conf = image_appearance(images, keypoints)
+    return proportion_error(desc, ref_appearance, conf.detach() * ref_conf, dim=-1).mean()
 
 
 def clip_alignment_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

@@ -103,12 +103,13 @@ def adapter_for(comp: Stage2Components, seed: int = 0):
 
 
 def identities(n: int = 4, views: int = 5, channels: int = 4, shapes: tuple[tuple[int, int], ...] = ((8, 8),),
-               image_scale: int = 2, time_ids: bool = False, seed: int = 0, face_missing: int = 0
-               ) -> list[Stage2Identity]:
+               image_scale: int = 2, time_ids: bool = False, seed: int = 0, face_missing: int = 0,
+               appearance: bool = False) -> list[Stage2Identity]:
     """Identities whose samples carry an identity-specific pattern (so the conditions are informative).
 
     View k of every identity uses shape ``shapes[k % len(shapes)]``; keypoints are stick-figure poses in the
     view's image pixels (latent size times ``image_scale``). The first ``face_missing`` views have no face.
+    ``appearance``: per-view colour descriptors (an identity colour plus noise) for L_id's appearance term.
     """
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -132,5 +133,8 @@ def identities(n: int = 4, views: int = 5, channels: int = 4, shapes: tuple[tupl
             body_mu=body + 0.1 * torch.randn(views, BODY_DIM, generator=gen),
             body_logvar=torch.full((views, BODY_DIM), -2.0), body_weights=torch.rand(views, generator=gen) + 0.5,
             keypoints=torch.stack(kps), face=face + 0.05 * torch.randn(views, 512, generator=gen),
-            face_valid=valid, time_ids=torch.stack(tids) if time_ids else None))
+            face_valid=valid, time_ids=torch.stack(tids) if time_ids else None,
+            appearance=(torch.rand(1, 12, generator=gen) + 0.05 * torch.randn(views, 12, generator=gen)
+                        if appearance else None),
+            appearance_confidence=torch.ones(views, 12) if appearance else None))
     return out

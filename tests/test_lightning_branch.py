@@ -46,6 +46,11 @@ def test_diffusion_timesteps_uniform_unchanged_or_on_the_schedule():
     assert set(ts.tolist()) == {999, 749, 499, 249}
     ts = train_timesteps(LightningConfig(diff_timesteps="schedule", steps=4, schedule_steps=8), 1000, 512, gen_a)
     assert set(ts.tolist()) == set(trailing_timesteps(1000, 8))
+    # ``low`` (LossConfig.min_timestep) keeps every draw at or above it, on either schedule
+    ts = train_timesteps(LightningConfig(), 1000, 512, gen_a, low=250)
+    assert int(ts.min()) >= 250 and int(ts.min()) < 260 and int(ts.max()) == 999
+    ts = train_timesteps(LightningConfig(diff_timesteps="schedule", steps=4), 1000, 256, gen_a, low=300)
+    assert set(ts.tolist()) == {999, 749, 499}
 
 
 def _model(layout: str, prediction: str, cfg: LightningConfig, pose: bool = False, clip: bool = False,

@@ -111,6 +111,10 @@ def test_train_py_stage2_end_to_end_and_resume(setup, tmp_path):
     t = load_file(str(files[0]))
     assert t["latent.0"].shape == (4, 16, 16) and t["time_ids"][0].tolist() == [96, 96, 0, 0, 32, 32]
     assert t["body_mu"].shape == (3, 16) and not t["face_valid"].any()
+    # the colours at body landmarks of each view (L_id's appearance term), read from the photo in the bucket's frame
+    assert t["appearance"].shape == t["appearance_confidence"].shape == (3, 12)
+    assert 0 <= float(t["appearance"].min()) and float(t["appearance"].max()) <= 1
+    assert float(t["appearance_confidence"].max()) > 0
     mtime = files[0].stat().st_mtime_ns
     # resume: the newest checkpoint is step 2 = max_steps, so nothing more is trained; the cache is reused
     config2 = _config(setup, out)

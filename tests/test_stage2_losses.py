@@ -8,8 +8,11 @@ import math
 import pytest
 import stage2_tiny as T
 import torch
+import torch.nn.functional as F
 
+from bolid.appearance import appearance_descriptor, image_appearance
 from bolid.losses import (
+    appearance_identity_loss,
     clip_alignment_loss,
     keypoint_identity_loss,
     normalize_keypoints,
@@ -17,9 +20,10 @@ from bolid.losses import (
 )
 from bolid.metrics import body_consistency
 from bolid.proportions import body_proportions, proportion_error
-from training.stage2_components import cast_frozen
-from training.stage2_loop import freeze_unused_branches
-from training.stage2_model import LossConfig, Stage2Model, predicted_x0
+from training.lightning_branch import LightningConfig
+from training.stage2_components import Stage2Error, cast_frozen
+from training.stage2_loop import Stage2TrainingConfig, freeze_unused_branches, train_stage2_loop
+from training.stage2_model import LossConfig, Stage2Model, diffusion_loss, predicted_x0
 from training.stage2_sampling import SamplingConfig, Stage2Data
 
 # ----------------------------------------------------------------------------------------------- pure maths
@@ -83,6 +87,51 @@ def test_clip_alignment_loss_range():
     assert math.isclose(clip_alignment_loss(e, -e).item(), 2.0, rel_tol=1e-5)
 
 
+def test_image_appearance_reads_pixel_keypoints_like_the_crop_descriptor():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 24, 40, generator=g)
+    kp = torch.rand(2, 17, 3, generator=g)
+    kp_px = kp.clone()
+    kp_px[..., 0] *= 40
+    kp_px[..., 1] *= 24
+    a, ca = image_appearance(images, kp_px)
+    b, cb = appearance_descriptor(images, kp)
+    assert torch.allclose(a, b, atol=1e-6) and torch.equal(ca, cb)
+
+
+def test_appearance_loss_known_answer_and_gradient():
+    colour = torch.tensor([0.2, 0.5, 0.7])
+    images = colour.view(1, 3, 1, 1).expand(2, 3, 16, 16).clone().requires_grad_(True)
+    kp = torch.cat([torch.rand(2, 17, 2, generator=torch.Generator().manual_seed(1)) * 8 + 4,
+                    torch.ones(2, 17, 1)], -1)
+    ref = colour.repeat(4).expand(2, 12)
+    conf = torch.ones(2, 12)
+    assert appearance_identity_loss(images, kp, ref, conf).item() < 1e-10
+    off = appearance_identity_loss(images, kp, ref + 0.1, conf)
+    assert off.item() == pytest.approx(0.01, rel=1e-4)
+    off.backward()
+    assert images.grad.abs().sum() > 0  # differentiable in the image (x0_hat)
+    # a row whose reference has no confidence contributes nothing
+    assert appearance_identity_loss(images.detach(), kp, ref + 0.1, torch.zeros(2, 12)).item() == 0
+
+
+def test_min_snr_weighting_known_answer():
+    comp = T.components("sd15", prediction_type="v_prediction")
+    sched = comp.noise_scheduler
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([5, 400, 900])
+    assert torch.equal(diffusion_loss(sched, pred, target, t, "v_prediction"), F.mse_loss(pred, target))
+    ac = sched.alphas_cumprod[t].double()
+    snr = ac / (1 - ac)
+    rows = ((pred - target) ** 2).flatten(1).mean(1).double()
+    for kind, weight in (("v_prediction", snr.clamp(max=5.0) / (snr + 1)), ("epsilon", snr.clamp(max=5.0) / snr)):
+        expected = (rows * weight).mean()
+        assert diffusion_loss(sched, pred, target, t, kind, snr_gamma=5.0).item() == pytest.approx(expected.item(),
+                                                                                                  rel=1e-5)
+    assert weight[0] < 0.01 and weight[2] == pytest.approx(1.0)  # low noise is down-weighted, high noise is not
+
+
 def test_predicted_x0_inverts_the_forward_process():
     comp = T.components(vae=False, pose=False, clip=False)
     x0 = torch.randn(2, 4, 8, 8)
@@ -103,6 +152,7 @@ CASES = {
     "id_keypoints": dict(prediction="v_prediction", loss=dict(id_weight=1.0, id_mode="keypoints",
                                                               id_max_timestep=1000), term="id"),
     "clip": dict(prediction="epsilon", loss=dict(clip_weight=1.0, clip_max_timestep=1000), term="clip"),
+    "appearance": dict(prediction="v_prediction", loss=dict(appearance_weight=1.0), term="appearance"),
 }
 
 
@@ -125,7 +175,8 @@ def test_each_loss_gives_finite_gradients_on_trainable_parameters_only(case):
     adapter = T.adapter_for(comp)
     comp.freeze()
     model = Stage2Model(adapter, comp, LossConfig(**spec["loss"]))
-    data = Stage2Data(T.identities(), SamplingConfig(drop_text=0, drop_face=0, drop_body=0, drop_all=0), comp)
+    data = Stage2Data(T.identities(appearance=True), SamplingConfig(drop_text=0, drop_face=0, drop_body=0,
+                                                                    drop_all=0), comp)
     batch = _batch(data)
     gen = torch.Generator().manual_seed(0)
     out = model(batch, torch.randn(batch["sample"].shape, generator=gen), torch.tensor([5, 150, 390]))
@@ -283,3 +334,16 @@ def test_real_pose_and_clip_wrappers_are_differentiable(monkeypatch, tmp_path):
     loss = clip_alignment_loss(clip.image(images), clip.text(["a person", "a tall person"]))
     loss.backward()
     assert torch.isfinite(loss) and images.grad.abs().sum() > 0
+
+
+def test_appearance_term_refuses_what_it_cannot_read():
+    """Identities without per-view appearance, and the Lightning branch's image (not the training view), are refused
+    with a message naming the setting, not trained on silently with a zero term."""
+    comp = T.components("sd15", pose=False, clip=False)
+    adapter = T.adapter_for(comp)
+    lc = LossConfig(appearance_weight=1.0)
+    data = Stage2Data(T.identities(), SamplingConfig(), comp)
+    with pytest.raises(Stage2Error, match="appearance_weight > 0 needs each view's appearance"):
+        train_stage2_loop(comp, adapter, data, Stage2TrainingConfig(max_steps=1, batch_size=2, report_to="none"), lc)
+    with pytest.raises(Stage2Error, match="x0_source"):
+        Stage2Model(adapter, comp, lc, LightningConfig(x0_source="lightning"))

@@ -107,12 +107,14 @@ def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [int(round(num_train_timesteps - i * ratio)) - 1 for i in range(steps)]
 
 
-def train_timesteps(cfg: LightningConfig, num_train_timesteps: int, batch: int, generator: torch.Generator
-                    ) -> torch.Tensor:
-    """L_diff's timesteps: uniform over 0..T-1 (exactly the draw stage 2 always made) or the Lightning schedule's."""
+def train_timesteps(cfg: LightningConfig, num_train_timesteps: int, batch: int, generator: torch.Generator,
+                    low: int = 0) -> torch.Tensor:
+    """L_diff's timesteps: uniform over low..T-1 (low 0: exactly the draw stage 2 always made) or the Lightning
+    schedule's (``low`` then drops the schedule's steps below it)."""
     if cfg.diff_timesteps == "uniform":
-        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+        return torch.randint(low, num_train_timesteps, (batch,), generator=generator)
     schedule = torch.tensor(trailing_timesteps(num_train_timesteps, cfg.schedule_steps or cfg.steps))
+    schedule = schedule[schedule >= low] if bool((schedule >= low).any()) else schedule[-1:]
     return schedule[torch.randint(0, len(schedule), (batch,), generator=generator)]
 
 

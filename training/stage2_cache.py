@@ -1,5 +1,6 @@
 """Stage-2 cache: per identity the VAE latents (aspect-ratio buckets), SDXL size conditioning, keypoints in the
-training frame, face embeddings and the Body-ID encoder's per-view posteriors; plus the caption embeddings.
+training frame, the colours at body landmarks (:mod:`bolid.appearance`, for L_id's appearance term), face
+embeddings and the Body-ID encoder's per-view posteriors; plus the caption embeddings.
 
 Built once from the stage-1 dataset cache (same ``[dataset]`` table: crops, keypoints, captions) and the original
 photos; reused while nothing it depends on changed (fingerprint per identity). Training then never runs the VAE
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bolid.appearance import image_appearance
 from bolid.body_encoder import BodyEncoder
 from bolid.body_encoder_io import encoder_hash
 from bolid.body_views import views_to_tensor
@@ -39,7 +41,7 @@ logger = logging.getLogger("bolid")
 
 CACHE_KIND = "bolid_stage2_cache"
 TEXT_KIND = "bolid_stage2_text"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-view appearance (L_id's appearance term)
 INDEX_FILE = "stage2_index.json"
 TEXT_FILE = "text_embeddings.safetensors"
 
@@ -151,7 +153,7 @@ def _build_identity(folder: Path, files: list[str], tensors1: dict[str, torch.Te
     mu, logvar = body_encoder.encode_views(crops, tensors1["keypoints"].float().to(device))
     out: dict[str, torch.Tensor] = {"body_mu": mu.float().cpu(), "body_logvar": logvar.float().cpu(),
                                     "body_weights": tensors1["weights"].float()}
-    kps, tids, faces, valid = [], [], [], []
+    kps, tids, faces, valid, apps, app_confs = [], [], [], [], [], []
     ref = next(vae.parameters())
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -171,13 +173,18 @@ def _build_identity(folder: Path, files: list[str], tensors1: dict[str, torch.Te
         kp[:, 0] = kp[:, 0] * scale - left
         kp[:, 1] = kp[:, 1] * scale - top
         kps.append(kp)
+        view = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div(255.0)[None]
+        appearance, appearance_conf = image_appearance(view, kp[None])
+        apps.append(appearance[0])
+        app_confs.append(appearance_conf[0])
         # SDXL micro-conditioning: original size, crop top-left, target size (in the resized image's pixels)
         tids.append(torch.tensor([h, w, top, left, bucket[0], bucket[1]], dtype=torch.float32))
         emb = face_embed(image) if face_embed is not None else None
         faces.append(no_identity(512) if emb is None else torch.as_tensor(np.asarray(emb, np.float32)))
         valid.append(emb is not None)
     out.update({"keypoints": torch.stack(kps), "time_ids": torch.stack(tids), "face": torch.stack(faces),
-                "face_valid": torch.tensor(valid, dtype=torch.uint8)})
+                "face_valid": torch.tensor(valid, dtype=torch.uint8), "appearance": torch.stack(apps),
+                "appearance_confidence": torch.stack(app_confs)})
     return out
 
 
@@ -208,12 +215,17 @@ def load_stage2_cache(cache_dir: str | Path, sdxl: bool
         tensors, meta = load_safetensors(cache_dir / entry["file"], DatasetCacheError)
         if meta.get("bolid_kind") != CACHE_KIND:
             raise DatasetCacheError(f"{cache_dir / entry['file']}: not a stage-2 cache file")
+        if meta.get("bolid_format_version") != str(CACHE_VERSION):
+            raise DatasetCacheError(f"{cache_dir / entry['file']}: stage-2 cache format "
+                                    f"{meta.get('bolid_format_version')}, this BoLID reads {CACHE_VERSION}: run "
+                                    "python training/train.py --config <stage-2 config> --prepare-only again")
         n = int(meta["num_views"])
         identities.append(Stage2Identity(
             name=meta.get("identity", entry["key"]), samples=[tensors[f"latent.{k}"] for k in range(n)],
             captions=json.loads(meta["captions"]), body_mu=tensors["body_mu"], body_logvar=tensors["body_logvar"],
             body_weights=tensors["body_weights"], keypoints=tensors["keypoints"], face=tensors["face"],
-            face_valid=tensors["face_valid"].bool(), time_ids=tensors["time_ids"] if sdxl else None))
+            face_valid=tensors["face_valid"].bool(), time_ids=tensors["time_ids"] if sdxl else None,
+            appearance=tensors["appearance"], appearance_confidence=tensors["appearance_confidence"]))
     tensors, meta = load_safetensors(cache_dir / TEXT_FILE, DatasetCacheError)
     text = {}
     for k, caption in enumerate(json.loads(meta["captions"])):

@@ -129,7 +129,8 @@ def training_metadata(components: Stage2Components, data: Stage2Data, tc: Stage2
     return {**out, "bolid_training": json.dumps(info, sort_keys=True, default=str),
             "bolid_base_model": components.base_model,
             "bolid_training_steps": str(step), "bolid_loss_weights": json.dumps(
-                {"diff": 1.0, "id": lc.id_weight, "clip": lc.clip_weight, "id_mode": lc.id_mode,
+                {"diff": 1.0, "id": lc.id_weight, "clip": lc.clip_weight, "appearance": lc.appearance_weight,
+                 "id_mode": lc.id_mode,
                  "x0_source": lightning.x0_source}),
             "bolid_dataset_size": json.dumps({"identities": len(data.identities), "views": data.num_views})}
 
@@ -200,6 +201,12 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
     adapter.to(device=device, dtype=torch.float32).train()
     adapter.requires_grad_(True)
     freeze_unused_branches(adapter, lc, freeze)
+    if lc.appearance_weight > 0:
+        lacking = [ident.name for ident in data.identities if ident.appearance is None]
+        if lacking:
+            raise Stage2Error(f"appearance_weight > 0 needs each view's appearance (Stage2Identity.appearance), "
+                              f"which {len(lacking)} identities lack (first: {lacking[0]}); set appearance_weight "
+                              "= 0 or give them appearance")
     model = Stage2Model(adapter, components, lc, lightning)
     model.set_uncond_text(data.text_cache[""])
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
@@ -242,7 +249,7 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
         gen = noise_generator(seed, step, micro * nproc + rank, 0, torch.device("cpu"), offset=17)
         shape = batch["sample"].shape
         noise = torch.randn(shape, generator=gen).to(device)
-        timesteps = train_timesteps(lightning, num_t, shape[0], gen).to(device)
+        timesteps = train_timesteps(lightning, num_t, shape[0], gen, lc.min_timestep).to(device)
         branch_noise = None
         if lightning.runs_at(step):  # its own generator: the training noise stays what it was without it
             bgen = noise_generator(seed, step, micro * nproc + rank, 0, torch.device("cpu"), offset=29)
@@ -254,8 +261,9 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
                 and accelerator.is_main_process:
             log_validation(raw_model, data, tc, out, step, accelerator if report != "none" else None, seed)
 
-    shown = [k for k, on in (("loss", True), ("diff", True), ("id", lc.id_weight > 0), ("clip", lc.clip_weight > 0))
-             if on]
+    terms = (("loss", True), ("diff", True), ("id", lc.id_weight > 0), ("clip", lc.clip_weight > 0),
+             ("appearance", lc.appearance_weight > 0))
+    shown = [k for k, on in terms if on]
     hooks = LoopHooks(after_update=None if ema is None else (lambda: ema.update(raw_model.adapter)),
                       progress_keys=shown, validate=validate, export=export_now, final_export=final_export,
                       close=raw_model.detach_unet, on_step=on_step)

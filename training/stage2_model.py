@@ -10,12 +10,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bolid.adapter import BoLIDAdapter
 from bolid.diffusers_integration import BoLIDDiffusers
-from bolid.losses import ID_LOSS_MODES, clip_alignment_loss, keypoint_identity_loss, proportion_identity_loss
+from bolid.losses import (
+    ID_LOSS_MODES,
+    appearance_identity_loss,
+    clip_alignment_loss,
+    keypoint_identity_loss,
+    proportion_identity_loss,
+)
 from training.lightning_branch import LightningConfig, lightning_x0
 from training.stage2_components import Stage2Components, Stage2Error
 
@@ -38,12 +45,16 @@ class LossConfig:
     vae_checkpointing: bool = True
     weight_face: float = 1.0
     weight_body: float = 1.0
+    snr_gamma: float = 0.0
+    min_timestep: int = 0
+    appearance_weight: float = 0.0
+    appearance_max_timestep: int = 1000
 
     def __post_init__(self) -> None:
         if self.id_mode not in ID_LOSS_MODES:
             raise Stage2Error(f"id_mode must be one of {ID_LOSS_MODES}, got {self.id_mode!r}")
-        if self.id_weight < 0 or self.clip_weight < 0:
-            raise Stage2Error("loss weights must be >= 0")
+        if min(self.id_weight, self.clip_weight, self.snr_gamma, self.min_timestep, self.appearance_weight) < 0:
+            raise Stage2Error("loss weights, snr_gamma and min_timestep must be >= 0")
 
 
 def predicted_x0(scheduler: Any, noisy: torch.Tensor, model_out: torch.Tensor, timesteps: torch.Tensor,
@@ -63,6 +74,19 @@ def diffusion_target(scheduler: Any, samples: torch.Tensor, noise: torch.Tensor,
     if prediction_type == "epsilon":
         return noise
     return scheduler.get_velocity(samples, noise, timesteps)
+
+
+def diffusion_loss(scheduler: Any, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                   prediction_type: str, snr_gamma: float = 0.0) -> torch.Tensor:
+    """L_diff: the MSE, or with ``snr_gamma`` > 0 its Min-SNR-gamma weighted row mean (weight min(SNR, gamma)/SNR
+    for epsilon, min(SNR, gamma)/(SNR + 1) for v, as in diffusers' training scripts)."""
+    if snr_gamma <= 0:
+        return F.mse_loss(pred.float(), target.float())
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    weight = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    per_row = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (per_row * weight).mean()
 
 
 class Stage2Model(nn.Module):
@@ -90,6 +114,10 @@ class Stage2Model(nn.Module):
             raise Stage2Error("id_weight > 0 needs a pose network (components.pose_net)")
         if lc.clip_weight > 0 and (components.clip_image is None or components.clip_text is None):
             raise Stage2Error("clip_weight > 0 needs components.clip_image and components.clip_text")
+        if lc.appearance_weight > 0 and self.lightning.branch:
+            raise Stage2Error("appearance_weight > 0 reads colours at the training view's keypoints, which an image "
+                              "the Lightning branch generates from noise does not share: use [lightning] "
+                              "x0_source = \"one_step\" or appearance_weight = 0")
 
     def detach_unet(self) -> None:
         self.controller.detach()
@@ -160,21 +188,25 @@ class Stage2Model(nn.Module):
         device = noise.device
         pred = self.unet_forward(noisy, timesteps, batch, batch["face"].to(device), batch["body"].to(device))
         target = diffusion_target(comp.noise_scheduler, samples, noise, timesteps, kind)
-        l_diff = F.mse_loss(pred.float(), target.float())
+        l_diff = diffusion_loss(comp.noise_scheduler, pred, target, timesteps, kind, lc.snr_gamma)
         zero = l_diff.new_zeros(())
         out = {"diff": l_diff, "id": zero, "clip": zero, "id_rows": zero, "clip_rows": zero}
+        if lc.appearance_weight > 0:
+            out.update({"appearance": zero, "appearance_rows": zero})
         loss = l_diff
-        id_rows = clip_rows = torch.zeros(len(timesteps), dtype=torch.bool, device=device)
+        id_rows = clip_rows = app_rows = torch.zeros(len(timesteps), dtype=torch.bool, device=device)
         if lc.id_weight > 0:
             id_rows = batch["body_present"].to(device) & (branch or timesteps < lc.id_max_timestep)
         if lc.clip_weight > 0:
             clip_rows = batch["text_present"].to(device) & (branch or timesteps < lc.clip_max_timestep)
+        if lc.appearance_weight > 0:
+            app_rows = batch["body_present"].to(device) & (timesteps < lc.appearance_max_timestep)
         if branch:
             keep = (id_rows | clip_rows) & (branch_noise is not None)
             if self.lightning.max_rows:
                 keep &= keep.cumsum(0) <= self.lightning.max_rows
             id_rows, clip_rows = id_rows & keep, clip_rows & keep
-        need = id_rows | clip_rows
+        need = id_rows | clip_rows | app_rows
         if bool(need.any()):
             rows = torch.nonzero(need).flatten()
             if branch:
@@ -187,6 +219,14 @@ class Stage2Model(nn.Module):
                 l_id = self._id_loss(images[sel], batch, rows[sel].cpu())
                 out["id"], out["id_rows"] = l_id, zero + len(sel)
                 loss = loss + lc.id_weight * l_id
+            if bool(app_rows.any()):
+                sel = torch.nonzero(app_rows[rows]).flatten()
+                r = rows[sel].cpu()
+                l_app = appearance_identity_loss(images[sel], batch["ref_keypoints"][r].to(device),
+                                                 batch["ref_appearance"][r].to(device),
+                                                 batch["ref_app_conf"][r].to(device))
+                out["appearance"], out["appearance_rows"] = l_app, zero + len(sel)
+                loss = loss + lc.appearance_weight * l_app
             if bool(clip_rows.any()):
                 sel = torch.nonzero(clip_rows[rows]).flatten()
                 img_emb = self.components.clip_image(images[sel])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bolid.appearance import APPEARANCE_DIM, aggregate_appearance
 from bolid.body_encoder import aggregate_views
 from bolid.identity import no_identity, no_identity_like
 from bolid.proportions import aggregate_proportions, body_proportions
@@ -44,6 +45,8 @@ class Stage2Identity:
     face: torch.Tensor | None = None
     face_valid: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    appearance: torch.Tensor | None = None  # [n, 12] bolid.appearance descriptor per view (L_id ``appearance``)
+    appearance_confidence: torch.Tensor | None = None
     proportions: torch.Tensor = field(init=False)
     proportion_confidence: torch.Tensor = field(init=False)
 
@@ -65,6 +68,12 @@ class Stage2Identity:
         self.face_valid = self.face_valid.bool()
         if self.time_ids is not None and self.time_ids.shape != (n, 6):
             raise Stage2Error(f"identity {self.name}: time_ids must be [{n}, 6], got {tuple(self.time_ids.shape)}")
+        if (self.appearance is None) != (self.appearance_confidence is None):
+            raise Stage2Error(f"identity {self.name}: appearance and appearance_confidence come together")
+        if self.appearance is not None and (self.appearance.shape != (n, APPEARANCE_DIM)
+                                            or self.appearance_confidence.shape != (n, APPEARANCE_DIM)):
+            raise Stage2Error(f"identity {self.name}: appearance must be [{n}, {APPEARANCE_DIM}], got "
+                              f"{tuple(self.appearance.shape)} / {tuple(self.appearance_confidence.shape)}")
         props, conf = body_proportions(self.keypoints.double())
         self.proportions, self.proportion_confidence = props.float(), conf.float()
 
@@ -207,6 +216,11 @@ class Stage2Data:
         face, face_index = self._face(ident, j, rng)
         ref_rows = context if self.sampling.id_reference == "context" else list(range(n))
         ref_props, ref_conf = aggregate_proportions(ident.proportions[ref_rows], ident.proportion_confidence[ref_rows])
+        if ident.appearance is not None:
+            ref_app, ref_app_conf = aggregate_appearance(ident.appearance[ref_rows].float(),
+                                                         ident.appearance_confidence[ref_rows].float())
+        else:
+            ref_app = ref_app_conf = torch.zeros(APPEARANCE_DIM)
         drop = self._drop_kind(rng)
         caption = ident.captions[j]
         text_key = "" if drop in ("text", "all") else caption
@@ -218,6 +232,7 @@ class Stage2Data:
                 "time_ids": None if ident.time_ids is None else ident.time_ids[j],
                 "face": face_t, "body": body_t, "caption": caption, "drop": drop,
                 "ref_keypoints": ident.keypoints[j].float(), "ref_props": ref_props, "ref_prop_conf": ref_conf,
+                "ref_appearance": ref_app, "ref_app_conf": ref_app_conf,
                 "identity_index": i, "target_index": j, "context_indices": context, "face_index": face_index}
 
     def batch(self, index: int, batch_size: int) -> dict[str, Any]:
