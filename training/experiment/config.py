@@ -72,6 +72,10 @@ class Stage2Options:
     max_context_views: int = 4
     id_weight: float = 0.1
     id_max_timestep: int = 400
+    snr_gamma: float = 0.0  # Min-SNR-gamma weighting of L_diff (0: the plain mean)
+    min_timestep: int = 0  # L_diff's timesteps are drawn from min_timestep..999
+    appearance_weight: float = 0.0  # L_id's appearance term (colours at the view's landmarks), t < its max
+    appearance_max_timestep: int = 1000
     drop_text: float = 0.05
     drop_body: float = 0.05
     drop_all: float = 0.05
@@ -109,6 +113,7 @@ class TopLevel:
     assets: str = "../experiment_assets"
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch's default)
+    workers: int = 0  # processes training adapters beside the main one, 1 thread each (training/experiment/parallel)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class ExperimentConfig:
     assets: Path
     seed: int = 0
     threads: int = 0
+    workers: int = 0
     world: WorldOptions = field(default_factory=WorldOptions)
     stage1: Stage1Options = field(default_factory=Stage1Options)
     stage2: Stage2Options = field(default_factory=Stage2Options)
@@ -145,7 +151,7 @@ class ExperimentConfig:
         tables = {name: config_table(kind, dict(raw.get(name, {})), name, ExperimentConfigError)
                   for name, kind in cls.TABLES.items()}  # an absent table is all defaults
         return cls(output_dir=(base / top.output_dir).resolve(), assets=(base / top.assets).resolve(),
-                   seed=int(top.seed), threads=int(top.threads), **tables)
+                   seed=int(top.seed), threads=int(top.threads), workers=int(top.workers), **tables)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "threads": self.threads, **{k: asdict(getattr(self, k)) for k in self.TABLES}}
+        return {"seed": self.seed, "threads": self.threads, "workers": self.workers, **{k: asdict(getattr(self, k)) for k in self.TABLES}}

@@ -24,6 +24,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from .conditions import (
     conditions_for,
 )
 from .config import ExperimentConfig
+from .parallel import AdapterWorkers, timed
 from .readout import Readout, WorldPose
 from .report import criteria, json_default, markdown, pretrain_summary, write_outputs
 from .stages import (
@@ -99,25 +101,76 @@ class Laps:
 # ----------------------------------------------------------------------------------------------- steps
 
 
+class IdentitySets:
+    """The stage-2 training identities of each kind of body, built once each (and the encoder's view posteriors
+    of each training person once, shared by the BoLID and shuffled bodies)."""
+
+    def __init__(self, world: World, pose: WorldPose, seed: int) -> None:
+        self.world, self.pose, self.seed = world, pose, seed
+        self.sets: dict[TrainingBody, list] = {}
+        self.views: dict[str, tuple] = {}
+
+    def __call__(self, body: TrainingBody, encoder: Any) -> list:
+        if body not in self.sets:
+            self.sets[body] = stage2_identities(self.world, self.pose, encoder if body.uses_encoder else None,
+                                                self.seed, body, self.views)
+        return self.sets[body]
+
+
 def train_adapters(cfg: ExperimentConfig, recipes: list[AdapterRecipe], world: World, encoder: Any,
                    unet: torch.nn.Module, text: CaptionEncoder, pose: WorldPose, laps: Laps
                    ) -> tuple[dict[AdapterRecipe, Any], dict[AdapterRecipe, list[dict]]]:
-    """Every adapter by the same recipe, in order; the training identities of each kind of body are built once
-    (and the encoder's view posteriors of each training person once, shared by the BoLID and shuffled bodies)."""
+    """Every adapter by the same recipe, in order, in this process."""
     adapters: dict[AdapterRecipe, Any] = {}
     losses: dict[AdapterRecipe, list[dict]] = {}
-    identity_sets: dict[TrainingBody, list] = {}
-    train_views: dict[str, tuple] = {}
+    identities = IdentitySets(world, pose, cfg.seed)
     for recipe in recipes:
-        body = recipe.body
         with laps(f"stage2_{recipe.key}"):
-            if body not in identity_sets:
-                identity_sets[body] = stage2_identities(world, pose, encoder if body.uses_encoder else None, cfg.seed,
-                                                        body, train_views)
-            adapters[recipe], losses[recipe] = train_adapter(cfg, identity_sets[body], body.body_dim(encoder), unet,
-                                                             text, pose, recipe.id_weight, recipe.target_in_context,
+            adapters[recipe], losses[recipe] = train_adapter(cfg, identities(recipe.body, encoder),
+                                                             recipe.body.body_dim(encoder), unet, text, pose,
+                                                             recipe.id_weight, recipe.target_in_context,
                                                              lightning=recipe.lightning)
     return adapters, losses
+
+
+def stage1_and_adapters(cfg: ExperimentConfig, recipes: list[AdapterRecipe], world: World, names: list[str],
+                        unet: torch.nn.Module, text: CaptionEncoder, pose: WorldPose, laps: Laps
+                        ) -> tuple[Any, dict[str, Any], list[float], dict[AdapterRecipe, Any],
+                                   dict[AdapterRecipe, list[dict]]]:
+    """Stage 1 (and its checks on the held-out people) and every adapter. With ``cfg.workers`` > 0 on both cores
+    (:mod:`.parallel`): the adapters that need no encoder train in a worker during stage 1, the others are split
+    between this process and the worker; one torch thread everywhere, so the schedule does not change a number."""
+    if cfg.workers == 0:
+        with laps("stage1"):
+            encoder, stage1_losses = run_stage1(cfg, world, pose)
+            s1 = stage1_checks(cfg, world, encoder, pose, names)
+        adapters, losses = train_adapters(cfg, recipes, world, encoder, unet, text, pose, laps)
+        return encoder, s1, stage1_losses, adapters, losses
+
+    def job(recipe: AdapterRecipe, identities: list, encoder: Any) -> tuple[Any, ...]:
+        return (train_adapter, cfg, identities, recipe.body.body_dim(encoder), unet, text, pose, recipe.id_weight,
+                recipe.target_in_context, recipe.lightning)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    trained: dict[AdapterRecipe, Any] = {}
+    identities = IdentitySets(world, pose, cfg.seed)
+    with laps("stage1_and_stage2"), AdapterWorkers(cfg.workers) as workers:
+        for recipe in (r for r in recipes if not r.body.uses_encoder):
+            trained[recipe] = workers.submit(*job(recipe, identities(recipe.body, None), None))
+        with laps("stage1"):
+            encoder, stage1_losses = run_stage1(cfg, world, pose)
+            s1 = stage1_checks(cfg, world, encoder, pose, names)
+        late = [r for r in recipes if r.body.uses_encoder]
+        for recipe in late[1::2]:
+            trained[recipe] = workers.submit(*job(recipe, identities(recipe.body, encoder), encoder))
+        for recipe in late[0::2]:
+            trained[recipe] = timed(*job(recipe, identities(recipe.body, encoder), encoder))
+        trained = {r: (workers.result(t) if isinstance(t, Future) else t) for r, t in trained.items()}
+    torch.set_num_threads(threads)
+    for recipe in recipes:
+        laps.timings[f"stage2_{recipe.key}"] = trained[recipe][2]
+    return (encoder, s1, stage1_losses, {r: trained[r][0] for r in recipes}, {r: trained[r][1] for r in recipes})
 
 
 def heldout_bodies(cfg: ExperimentConfig, world: World, names: list[str], encoder: Any, pose: WorldPose,
@@ -228,12 +281,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         unet, text, pose = load_world_models(cfg.assets)
         world = render_world(cfg)
         names = sorted(world.heldout)
-    with laps("stage1"):
-        encoder, stage1_losses = run_stage1(cfg, world, pose)
-        s1 = stage1_checks(cfg, world, encoder, pose, names)
-
     conditions = conditions_for(cfg)
-    adapters, stage2_losses = train_adapters(cfg, adapters_for(conditions), world, encoder, unet, text, pose, laps)
+    encoder, s1, stage1_losses, adapters, stage2_losses = stage1_and_adapters(
+        cfg, adapters_for(conditions), world, names, unet, text, pose, laps)
     with laps("generation"):
         tables = heldout_bodies(cfg, world, names, encoder, pose, out / "body_ids")
         rows = generation_rows(cfg, world, names)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bolid.appearance import image_appearance
 from bolid.body_encoder import BodyEncoder, aggregate_views
 from bolid.body_encoder_io import load_body_encoder
 from bolid.body_views import crop_person
@@ -188,8 +189,11 @@ def stage2_identities(world: World, pose: WorldPose, encoder: BodyEncoder | None
             kps = posteriors(name)[3]
             mu, logvar, weights, _ = posteriors(donor)
         samples = list(to_model_range(np.stack([p.image for p in photos])))
+        keypoints = torch.from_numpy(kps)
+        appearance, appearance_conf = image_appearance(torch.stack(samples) * 0.5 + 0.5, keypoints)
         out.append(Stage2Identity(name=name, samples=samples, captions=[p.caption for p in photos], body_mu=mu,
-                                  body_logvar=logvar, body_weights=weights, keypoints=torch.from_numpy(kps)))
+                                  body_logvar=logvar, body_weights=weights, keypoints=keypoints,
+                                  appearance=appearance, appearance_confidence=appearance_conf))
     return out
 
 
@@ -223,7 +227,9 @@ def train_adapter(cfg: ExperimentConfig, identities: list[Any], body_dim: int, u
                               warmup_steps=s2.warmup_steps, lr_schedule="cosine", report_to="none",
                               export_ip_adapter=False)
     lc = LossConfig(id_weight=s2.id_weight if id_weight is None else id_weight, id_max_timestep=s2.id_max_timestep,
-                    weight_face=0.0, weight_body=1.0)
+                    weight_face=0.0, weight_body=1.0, snr_gamma=s2.snr_gamma,
+                    min_timestep=s2.min_timestep, appearance_weight=s2.appearance_weight,
+                    appearance_max_timestep=s2.appearance_max_timestep)
     result = train_stage2_loop(components, adapter, data, tc, lc, output_dir=None, seed=cfg.seed, lightning=lightning)
     return result["adapter"].eval().requires_grad_(False), result["losses"]
 
