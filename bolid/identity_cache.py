@@ -42,11 +42,23 @@ class IdentityCache:
         return len(self.files)
 
 
+PRELOAD_BYTES = 512 * 2**20  # Stage1Dataset keeps every crop in memory when they take at most this
+
+
+def _crops_bytes(cache: IdentityCache) -> int:
+    with safe_open(str(cache.path), framework="pt") as f:
+        shape = f.get_slice("crops").get_shape()
+    return int(np.prod(shape))
+
+
+def _read_crops_uint8(cache: IdentityCache) -> torch.Tensor:
+    with safe_open(str(cache.path), framework="pt") as f:
+        return f.get_tensor("crops")
+
+
 def read_identity_crops(cache: IdentityCache) -> torch.Tensor:
     """All crops of one identity as float [V, 3, S, S] in 0..1."""
-    with safe_open(str(cache.path), framework="pt") as f:
-        crops = f.get_tensor("crops")
-    return crops.permute(0, 3, 1, 2).float() / 255.0
+    return _read_crops_uint8(cache).permute(0, 3, 1, 2).float() / 255.0
 
 
 def identity_target_statistics(identities: Sequence[IdentityCache]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +114,7 @@ class Stage1Dataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, identities: Sequence[IdentityCache], num_samples: int, max_context_views: int = 4,
-                 seed: int = 0, flip: bool = True) -> None:
+                 seed: int = 0, flip: bool = True, preload_bytes: int = PRELOAD_BYTES) -> None:
         usable = [c for c in identities if c.num_views >= 2]
         if not usable:
             raise DatasetCacheError("no identity has 2 or more usable photos; the stage-1 objective needs a "
@@ -113,11 +125,18 @@ class Stage1Dataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.flip = bool(flip)
         self._flip_index = torch.from_numpy(flip_index())
+        # a small dataset's crops stay in memory (uint8, as stored): reading them row by row from the files was a
+        # fifth of a stage-1 step on a small model; a large one is read per sample as before
+        self._preloaded: list[torch.Tensor] | None = None
+        if preload_bytes > 0 and sum(_crops_bytes(c) for c in usable) <= preload_bytes:
+            self._preloaded = [_read_crops_uint8(c) for c in usable]
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def _crops(self, cache: IdentityCache, rows: list[int]) -> torch.Tensor:
+    def _crops(self, index: int, cache: IdentityCache, rows: list[int]) -> torch.Tensor:
+        if self._preloaded is not None:
+            return views_to_tensor(self._preloaded[index][rows])
         with safe_open(str(cache.path), framework="pt") as f:
             sl = f.get_slice("crops")
             crops = torch.stack([sl[r : r + 1][0] for r in rows])
@@ -125,12 +144,13 @@ class Stage1Dataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(index)])
-        cache = self.identities[int(rng.integers(len(self.identities)))]
+        which = int(rng.integers(len(self.identities)))
+        cache = self.identities[which]
         n = cache.num_views
         k = int(rng.integers(1, min(self.max_context_views, n - 1) + 1))
         rows = [int(r) for r in rng.permutation(n)[: k + 1]]
         flips = rng.random(k + 1) < 0.5 if self.flip else np.zeros(k + 1, dtype=bool)
-        crops = self._crops(cache, rows)
+        crops = self._crops(which, cache, rows)
         kps = cache.keypoints[rows].clone()
         for j in np.nonzero(flips)[0]:
             crops[j] = crops[j].flip(-1)

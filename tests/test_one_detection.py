@@ -86,7 +86,7 @@ def test_dataset_prepare_and_encode_body_cut_identical_pixels(tmp_path):
     seen: list[torch.Tensor] = []
     hook = loaded.view_encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
     try:
-        train_crops = Stage1Dataset([cache], 1, flip=False)._crops(cache, [0, 1])  # the training read path
+        train_crops = Stage1Dataset([cache], 1, flip=False)._crops(0, cache, [0, 1])  # the training read path
         with torch.no_grad():
             loaded.encode_views(train_crops, cache.keypoints)
         result = encode_body(loaded, photos, poses, ["0.png", "1.png"], min_confidence=0.0)
