@@ -45,10 +45,15 @@ class IdentityCache:
 PRELOAD_BYTES = 512 * 2**20  # Stage1Dataset keeps every crop in memory when they take at most this
 
 
-def _crops_bytes(cache: IdentityCache) -> int:
-    with safe_open(str(cache.path), framework="pt") as f:
-        shape = f.get_slice("crops").get_shape()
-    return int(np.prod(shape))
+def _crops_fit(caches: Sequence[IdentityCache], budget: int) -> bool:
+    """Whether all crops (uint8, as stored) take at most ``budget`` bytes; stops reading headers once over."""
+    total = 0
+    for cache in caches:
+        with safe_open(str(cache.path), framework="pt") as f:
+            total += int(np.prod(f.get_slice("crops").get_shape()))  # uint8: one byte each
+        if total > budget:
+            return False
+    return True
 
 
 def _read_crops_uint8(cache: IdentityCache) -> torch.Tensor:
@@ -128,15 +133,16 @@ class Stage1Dataset(torch.utils.data.Dataset):
         # a small dataset's crops stay in memory (uint8, as stored): reading them row by row from the files was a
         # fifth of a stage-1 step on a small model; a large one is read per sample as before
         self._preloaded: list[torch.Tensor] | None = None
-        if preload_bytes > 0 and sum(_crops_bytes(c) for c in usable) <= preload_bytes:
+        if preload_bytes > 0 and _crops_fit(usable, preload_bytes):
             self._preloaded = [_read_crops_uint8(c) for c in usable]
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def _crops(self, index: int, cache: IdentityCache, rows: list[int]) -> torch.Tensor:
+    def _crops(self, which: int, cache: IdentityCache, rows: list[int]) -> torch.Tensor:
+        """Views ``rows`` of identity number ``which`` (``cache``) as float [len(rows), 3, S, S]."""
         if self._preloaded is not None:
-            return views_to_tensor(self._preloaded[index][rows])
+            return views_to_tensor(self._preloaded[which][rows])
         with safe_open(str(cache.path), framework="pt") as f:
             sl = f.get_slice("crops")
             crops = torch.stack([sl[r : r + 1][0] for r in rows])

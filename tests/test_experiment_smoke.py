@@ -37,6 +37,14 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         ExperimentConfig.load(CONFIG, {"wrld": {}})
     with pytest.raises(ExperimentConfigError, match="held-out"):
         ExperimentConfig.load(CONFIG, {"world": {"heldout_identities": 1}})
+    # stage 2's loss settings are checked by stage 2's own rule when the config is read, not after stage 1
+    with pytest.raises(ExperimentConfigError, match=r"\[stage2\].*snr_gamma"):
+        ExperimentConfig.load(CONFIG, {"stage2": {"snr_gamma": -1.0}})
+    with pytest.raises(ExperimentConfigError, match="appearance_max_timestep"):
+        ExperimentConfig.load(CONFIG, {"stage2": {"appearance_weight": 1.0, "min_timestep": 300,
+                                                  "appearance_max_timestep": 200}})
+    with pytest.raises(ExperimentConfigError, match="workers"):
+        ExperimentConfig.load(CONFIG, {"workers": -1})
     cfg = ExperimentConfig.load(CONFIG)
     assert cfg.world.heldout_identities >= 32 and cfg.stage1.proportion_weight == 1.0
 
@@ -64,6 +72,7 @@ def test_experiment_runs_end_to_end_and_reports_every_arm(tmp_path):
     assert results["stored_vs_multiview_max_pixel_diff"] == 0
     assert results["criteria"]["stored_equals_multi_view_max_pixel_diff"]["met"]
     assert {"value", "target", "met"} <= set(results["criteria"]["body_own_minus_others"])
+    assert results["criteria"]["run_time_s"]["value"] == results["timings_s"]["total"]
     s1 = results["stage1"]
     assert s1["halves_identification"]["n_candidates"] == 3 and "improvement" in s1["proportion_head"]["vs_truth"]
     assert s1["pose_model_on_reference_photos_vs_truth"]["rms"] >= 0
@@ -75,6 +84,27 @@ def test_experiment_runs_end_to_end_and_reports_every_arm(tmp_path):
 
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape[0] > 2 * 32 and grid.std() > 0
+
+
+def test_a_failed_worker_job_is_raised_early_and_a_failing_caller_stops_the_workers():
+    import time
+
+    from training.experiment.parallel import AdapterWorkers
+
+    with AdapterWorkers(1) as workers:
+        future = workers.submit(math.sqrt, -1.0)  # a job that fails (importable in the spawned worker)
+        deadline = time.time() + 120
+        while not future.done() and time.time() < deadline:
+            time.sleep(0.2)
+        with pytest.raises(ValueError, match="math domain error"):
+            workers.raise_failed([future])
+    started = time.time()
+    with pytest.raises(KeyError), AdapterWorkers(1) as workers:
+        busy = workers.submit(time.sleep, 600)
+        while not busy.running():
+            time.sleep(0.1)
+        raise KeyError("the caller fails")
+    assert time.time() - started < 60  # the ten-minute job was stopped, not waited for
 
 
 def test_training_on_both_cores_changes_no_number(tmp_path):

@@ -51,6 +51,8 @@ def test_diffusion_timesteps_uniform_unchanged_or_on_the_schedule():
     assert int(ts.min()) >= 250 and int(ts.min()) < 260 and int(ts.max()) == 999
     ts = train_timesteps(LightningConfig(diff_timesteps="schedule", steps=4), 1000, 256, gen_a, low=300)
     assert set(ts.tolist()) == {999, 749, 499}
+    with pytest.raises(ValueError, match="at or above min_timestep 1000"):
+        train_timesteps(LightningConfig(diff_timesteps="schedule", steps=4), 1000, 8, gen_a, low=1000)
 
 
 def _model(layout: str, prediction: str, cfg: LightningConfig, pose: bool = False, clip: bool = False,

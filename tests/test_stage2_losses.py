@@ -347,3 +347,13 @@ def test_appearance_term_refuses_what_it_cannot_read():
         train_stage2_loop(comp, adapter, data, Stage2TrainingConfig(max_steps=1, batch_size=2, report_to="none"), lc)
     with pytest.raises(Stage2Error, match="x0_source"):
         Stage2Model(adapter, comp, lc, LightningConfig(x0_source="lightning"))
+
+
+def test_loss_settings_are_checked_by_name():
+    with pytest.raises(Stage2Error, match=r"snr_gamma must be a finite number >= 0, got nan"):
+        LossConfig(snr_gamma=float("nan"))
+    with pytest.raises(Stage2Error, match="appearance_weight"):
+        LossConfig(appearance_weight=-1.0)
+    with pytest.raises(Stage2Error, match=r"id_max_timestep \(400\) must be above min_timestep \(500\)"):
+        LossConfig(id_weight=0.1, min_timestep=500)
+    LossConfig(min_timestep=500)  # a term that is off may keep its threshold

@@ -114,7 +114,9 @@ def train_timesteps(cfg: LightningConfig, num_train_timesteps: int, batch: int, 
     if cfg.diff_timesteps == "uniform":
         return torch.randint(low, num_train_timesteps, (batch,), generator=generator)
     schedule = torch.tensor(trailing_timesteps(num_train_timesteps, cfg.schedule_steps or cfg.steps))
-    schedule = schedule[schedule >= low] if bool((schedule >= low).any()) else schedule[-1:]
+    if not bool((schedule >= low).any()):
+        raise ValueError(f"no step of the {len(schedule)}-step schedule is at or above min_timestep {low}")
+    schedule = schedule[schedule >= low]
     return schedule[torch.randint(0, len(schedule), (batch,), generator=generator)]
 
 

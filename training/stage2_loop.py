@@ -130,8 +130,7 @@ def training_metadata(components: Stage2Components, data: Stage2Data, tc: Stage2
             "bolid_base_model": components.base_model,
             "bolid_training_steps": str(step), "bolid_loss_weights": json.dumps(
                 {"diff": 1.0, "id": lc.id_weight, "clip": lc.clip_weight, "appearance": lc.appearance_weight,
-                 "id_mode": lc.id_mode,
-                 "x0_source": lightning.x0_source}),
+                 "id_mode": lc.id_mode, "x0_source": lightning.x0_source}),
             "bolid_dataset_size": json.dumps({"identities": len(data.identities), "views": data.num_views})}
 
 
@@ -240,6 +239,8 @@ def train_stage2_loop(components: Stage2Components, adapter: BoLIDAdapter, data:
     nproc, rank = accelerator.num_processes, accelerator.process_index
     raw_model = accelerator.unwrap_model(model)
     num_t = int(components.noise_scheduler.config.num_train_timesteps)
+    if lc.min_timestep >= num_t:
+        raise Stage2Error(f"[loss] min_timestep {lc.min_timestep} must be below the scheduler's {num_t} timesteps")
 
     def inputs(step: int, micro: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         index = (step * tc.gradient_accumulation_steps + micro) * nproc + rank

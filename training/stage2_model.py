@@ -5,6 +5,7 @@ by :class:`Stage2Model` (the trainable adapter attached to the frozen UNet) from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +54,15 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.id_mode not in ID_LOSS_MODES:
             raise Stage2Error(f"id_mode must be one of {ID_LOSS_MODES}, got {self.id_mode!r}")
-        if min(self.id_weight, self.clip_weight, self.snr_gamma, self.min_timestep, self.appearance_weight) < 0:
-            raise Stage2Error("loss weights, snr_gamma and min_timestep must be >= 0")
+        for name in ("id_weight", "clip_weight", "appearance_weight", "snr_gamma", "min_timestep"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise Stage2Error(f"[loss] {name} must be a finite number >= 0, got {value!r}")
+        for name, weight in (("id_max_timestep", self.id_weight), ("clip_max_timestep", self.clip_weight),
+                             ("appearance_max_timestep", self.appearance_weight)):
+            if weight > 0 and getattr(self, name) <= self.min_timestep:
+                raise Stage2Error(f"[loss] {name} ({getattr(self, name)}) must be above min_timestep "
+                                  f"({self.min_timestep}): no training timestep would reach that term")
 
 
 def predicted_x0(scheduler: Any, noisy: torch.Tensor, model_out: torch.Tensor, timesteps: torch.Tensor,
@@ -84,7 +92,8 @@ def diffusion_loss(scheduler: Any, pred: torch.Tensor, target: torch.Tensor, tim
         return F.mse_loss(pred.float(), target.float())
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=snr_gamma)
-    weight = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    # a zero-terminal-SNR schedule has SNR 0 at its last step: weight 0 there, not 0/0
+    weight = clipped / snr.clamp_min(1e-12) if prediction_type == "epsilon" else clipped / (snr + 1)
     per_row = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
     return (per_row * weight).mean()
 
@@ -92,7 +101,8 @@ def diffusion_loss(scheduler: Any, pred: torch.Tensor, target: torch.Tensor, tim
 class Stage2Model(nn.Module):
     """The trainable adapter plus (as plain attributes, not submodules) the frozen components.
 
-    ``forward(batch, noise, timesteps)`` returns {"loss", "diff", "id", "clip", "id_rows", "clip_rows"}. Only the
+    ``forward(batch, noise, timesteps)`` returns {"loss", "diff", "id", "clip", "id_rows", "clip_rows"} (and
+    "appearance", "appearance_rows" when that term is on). Only the
     adapter is a submodule, so ``parameters()``/``state_dict()`` (and accelerate's checkpoints) hold exactly what
     trains; wrapping this module with DDP synchronises the adapter's gradients.
     """

@@ -80,6 +80,17 @@ class Stage2Options:
     drop_body: float = 0.05
     drop_all: float = 0.05
 
+    def __post_init__(self) -> None:
+        """The loss settings are checked by stage 2's own rule when the config is read, not after stage 1."""
+        from training.stage2_model import LossConfig
+
+        try:
+            LossConfig(id_weight=self.id_weight, id_max_timestep=self.id_max_timestep, snr_gamma=self.snr_gamma,
+                       min_timestep=self.min_timestep, appearance_weight=self.appearance_weight,
+                       appearance_max_timestep=self.appearance_max_timestep)
+        except BoLIDError as err:
+            raise ExperimentConfigError(f"[stage2]: {err}") from err
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -150,8 +161,12 @@ class ExperimentConfig:
                            ExperimentConfigError)
         tables = {name: config_table(kind, dict(raw.get(name, {})), name, ExperimentConfigError)
                   for name, kind in cls.TABLES.items()}  # an absent table is all defaults
+        if top.workers < 0 or top.threads < 0:
+            raise ExperimentConfigError(f"{path}: threads and workers must be >= 0, got {top.threads} and "
+                                        f"{top.workers}")
         return cls(output_dir=(base / top.output_dir).resolve(), assets=(base / top.assets).resolve(),
-                   seed=int(top.seed), threads=int(top.threads), workers=int(top.workers), **tables)
+                   seed=int(top.seed), threads=int(top.threads), workers=int(top.workers),
+                   **tables)
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "threads": self.threads, "workers": self.workers, **{k: asdict(getattr(self, k)) for k in self.TABLES}}

@@ -1,14 +1,17 @@
-"""The stage-2 adapters on both cores: one worker process beside the main one, one torch thread each.
+"""The stage-2 adapters on both cores: worker processes beside the main one, one torch thread each.
 
 Why: at 32 px with a batch of 16 the UNet's operators are too small for two intra-op threads to keep two cores
-busy (one adapter trains at about 2.5 steps/s with 2 threads, two adapters at about 2 steps/s each with 1 thread
-apiece). So the experiment trains adapters side by side instead: the oracle adapter, which needs no Body-ID
+busy, so two adapters at one thread each finish sooner side by side than one after the other at two threads
+(README "Experiment (CPU)", run time). So the experiment trains adapters side by side: the oracle adapter, which needs no Body-ID
 encoder, trains in the worker while the main process trains stage 1; then the adapters that read c_body are
 split between the main process and the worker.
 
-Every adapter and stage 1 run with exactly one torch thread whatever the schedule, so the results do not depend
-on which process trained what or in which order: the run stays deterministic. ``workers = 0`` in the config
-trains everything in the main process, in order, with ``threads`` threads (the schedule before this module).
+In this schedule stage 1 and every adapter run with exactly one torch thread, so the results do not depend on
+which process trained what or in which order: the run stays deterministic, and it equals the in-process schedule
+(``workers = 0``, everything in order in the main process with ``threads`` threads) run with ``threads = 1``
+(tests/test_experiment_smoke.py). That equality also needs training an adapter to leave no state on the UNet it
+attaches to (the worker trains on a copy taken before the main process trains any), which
+``training.stage2_loop`` guarantees by detaching the adapter when it is done.
 """
 
 from __future__ import annotations
@@ -72,5 +75,18 @@ class AdapterWorkers:
     def __enter__(self) -> AdapterWorkers:
         return self
 
+    @staticmethod
+    def raise_failed(futures: list[Future[bytes]]) -> None:
+        """Raise a finished job's error now, before the caller spends minutes on work that will be thrown away."""
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
     def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+        if exc[0] is None:
+            self.pool.shutdown(wait=True)
+            return
+        # the caller failed: a running job would otherwise hold a core (and the caller's error) until it ends
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            process.terminate()
+        self.pool.shutdown(wait=False, cancel_futures=True)

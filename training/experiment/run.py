@@ -139,7 +139,8 @@ def stage1_and_adapters(cfg: ExperimentConfig, recipes: list[AdapterRecipe], wor
                                    dict[AdapterRecipe, list[dict]]]:
     """Stage 1 (and its checks on the held-out people) and every adapter. With ``cfg.workers`` > 0 on both cores
     (:mod:`.parallel`): the adapters that need no encoder train in a worker during stage 1, the others are split
-    between this process and the worker; one torch thread everywhere, so the schedule does not change a number."""
+    between this process and the workers; one torch thread for all of it, so which process trains what does not
+    change a number. The adapters' timings overlap there, so they do not add up to the total."""
     if cfg.workers == 0:
         with laps("stage1"):
             encoder, stage1_losses = run_stage1(cfg, world, pose)
@@ -155,19 +156,22 @@ def stage1_and_adapters(cfg: ExperimentConfig, recipes: list[AdapterRecipe], wor
     torch.set_num_threads(1)
     trained: dict[AdapterRecipe, Any] = {}
     identities = IdentitySets(world, pose, cfg.seed)
-    with laps("stage1_and_stage2"), AdapterWorkers(cfg.workers) as workers:
-        for recipe in (r for r in recipes if not r.body.uses_encoder):
-            trained[recipe] = workers.submit(*job(recipe, identities(recipe.body, None), None))
-        with laps("stage1"):
-            encoder, stage1_losses = run_stage1(cfg, world, pose)
-            s1 = stage1_checks(cfg, world, encoder, pose, names)
-        late = [r for r in recipes if r.body.uses_encoder]
-        for recipe in late[1::2]:
-            trained[recipe] = workers.submit(*job(recipe, identities(recipe.body, encoder), encoder))
-        for recipe in late[0::2]:
-            trained[recipe] = timed(*job(recipe, identities(recipe.body, encoder), encoder))
-        trained = {r: (workers.result(t) if isinstance(t, Future) else t) for r, t in trained.items()}
-    torch.set_num_threads(threads)
+    try:
+        with laps("stage1_and_stage2"), AdapterWorkers(cfg.workers) as workers:
+            for recipe in (r for r in recipes if not r.body.uses_encoder):
+                trained[recipe] = workers.submit(*job(recipe, identities(recipe.body, None), None))
+            with laps("stage1"):
+                encoder, stage1_losses = run_stage1(cfg, world, pose)
+                s1 = stage1_checks(cfg, world, encoder, pose, names)
+            late = [r for r in recipes if r.body.uses_encoder]
+            for recipe in late[1::2]:
+                trained[recipe] = workers.submit(*job(recipe, identities(recipe.body, encoder), encoder))
+            for recipe in late[0::2]:
+                workers.raise_failed([t for t in trained.values() if isinstance(t, Future)])
+                trained[recipe] = timed(*job(recipe, identities(recipe.body, encoder), encoder))
+            trained = {r: (workers.result(t) if isinstance(t, Future) else t) for r, t in trained.items()}
+    finally:
+        torch.set_num_threads(threads)
     for recipe in recipes:
         laps.timings[f"stage2_{recipe.key}"] = trained[recipe][2]
     return (encoder, s1, stage1_losses, {r: trained[r][0] for r in recipes}, {r: trained[r][1] for r in recipes})
@@ -308,9 +312,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         "config": cfg.as_dict(), "torch_threads": torch.get_num_threads(),
         "world_models": pretrain_summary(cfg.assets),
     }
-    results["criteria"] = criteria(results, 1.0 / n_people)
     total = laps.total()
     results["timings_s"] = laps.timings
+    results["criteria"] = criteria(results, 1.0 / n_people)
     results["per_image"] = {"person": rows.person.tolist(), "caption": rows.captions, "seed": rows.seeds,
                             **{cond.key: {k: np.asarray(m[k]).round(5).tolist() for k in PER_IMAGE_METRICS}
                                for cond, m in measured.items()}}
