@@ -117,6 +117,21 @@ class IdentitySets:
         return self.sets[body]
 
 
+def stage1(cfg: ExperimentConfig, world: World, pose: WorldPose, names: list[str], laps: Laps
+           ) -> tuple[Any, dict[str, Any], list[float]]:
+    """The Body-ID encoder and its checks on the held-out people."""
+    with laps("stage1"):
+        encoder, losses = run_stage1(cfg, world, pose)
+        return encoder, stage1_checks(cfg, world, encoder, pose, names), losses
+
+
+def adapter_job(cfg: ExperimentConfig, recipe: AdapterRecipe, identities: IdentitySets, encoder: Any,
+                unet: torch.nn.Module, text: CaptionEncoder, pose: WorldPose) -> tuple[Any, ...]:
+    """``train_adapter`` and its arguments for one recipe (called here or in a worker)."""
+    return (train_adapter, cfg, identities(recipe.body, encoder), recipe.body.body_dim(encoder), unet, text, pose,
+            recipe.id_weight, recipe.target_in_context, recipe.lightning)
+
+
 def train_adapters(cfg: ExperimentConfig, recipes: list[AdapterRecipe], world: World, encoder: Any,
                    unet: torch.nn.Module, text: CaptionEncoder, pose: WorldPose, laps: Laps
                    ) -> tuple[dict[AdapterRecipe, Any], dict[AdapterRecipe, list[dict]]]:
@@ -126,10 +141,8 @@ def train_adapters(cfg: ExperimentConfig, recipes: list[AdapterRecipe], world: W
     identities = IdentitySets(world, pose, cfg.seed)
     for recipe in recipes:
         with laps(f"stage2_{recipe.key}"):
-            adapters[recipe], losses[recipe] = train_adapter(cfg, identities(recipe.body, encoder),
-                                                             recipe.body.body_dim(encoder), unet, text, pose,
-                                                             recipe.id_weight, recipe.target_in_context,
-                                                             lightning=recipe.lightning)
+            train, *args = adapter_job(cfg, recipe, identities, encoder, unet, text, pose)
+            adapters[recipe], losses[recipe] = train(*args)
     return adapters, losses
 
 
@@ -142,15 +155,12 @@ def stage1_and_adapters(cfg: ExperimentConfig, recipes: list[AdapterRecipe], wor
     between this process and the workers; one torch thread for all of it, so which process trains what does not
     change a number. The adapters' timings overlap there, so they do not add up to the total."""
     if cfg.workers == 0:
-        with laps("stage1"):
-            encoder, stage1_losses = run_stage1(cfg, world, pose)
-            s1 = stage1_checks(cfg, world, encoder, pose, names)
+        encoder, s1, stage1_losses = stage1(cfg, world, pose, names, laps)
         adapters, losses = train_adapters(cfg, recipes, world, encoder, unet, text, pose, laps)
         return encoder, s1, stage1_losses, adapters, losses
 
-    def job(recipe: AdapterRecipe, identities: list, encoder: Any) -> tuple[Any, ...]:
-        return (train_adapter, cfg, identities, recipe.body.body_dim(encoder), unet, text, pose, recipe.id_weight,
-                recipe.target_in_context, recipe.lightning)
+    def job(recipe: AdapterRecipe, encoder: Any) -> tuple[Any, ...]:
+        return adapter_job(cfg, recipe, identities, encoder, unet, text, pose)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -159,16 +169,14 @@ def stage1_and_adapters(cfg: ExperimentConfig, recipes: list[AdapterRecipe], wor
     try:
         with laps("stage1_and_stage2"), AdapterWorkers(cfg.workers) as workers:
             for recipe in (r for r in recipes if not r.body.uses_encoder):
-                trained[recipe] = workers.submit(*job(recipe, identities(recipe.body, None), None))
-            with laps("stage1"):
-                encoder, stage1_losses = run_stage1(cfg, world, pose)
-                s1 = stage1_checks(cfg, world, encoder, pose, names)
+                trained[recipe] = workers.submit(*job(recipe, None))
+            encoder, s1, stage1_losses = stage1(cfg, world, pose, names, laps)
             late = [r for r in recipes if r.body.uses_encoder]
             for recipe in late[1::2]:
-                trained[recipe] = workers.submit(*job(recipe, identities(recipe.body, encoder), encoder))
+                trained[recipe] = workers.submit(*job(recipe, encoder))
             for recipe in late[0::2]:
                 workers.raise_failed([t for t in trained.values() if isinstance(t, Future)])
-                trained[recipe] = timed(*job(recipe, identities(recipe.body, encoder), encoder))
+                trained[recipe] = timed(*job(recipe, encoder))
             trained = {r: (workers.result(t) if isinstance(t, Future) else t) for r, t in trained.items()}
     finally:
         torch.set_num_threads(threads)
