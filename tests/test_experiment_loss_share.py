@@ -116,3 +116,24 @@ def test_body_guidance_equal_to_guidance_is_the_joint_guidance():
     assert np.abs(joint - stronger).max() > 1
     with pytest.raises(ValueError, match="needs an adapter"):
         generate(unet, text, ["a person"], [1], None, None, 2, 2.0, body_guidance=3.0)
+
+
+def test_img2img_start_keeps_the_photo_at_low_strength_and_ignores_it_at_full_strength():
+    """The ceiling probe's sampler: strength s starts from the photo noised to the first of the last s * steps
+    timesteps. At one step of ten (t = 0) almost nothing is noised, so even a random model returns the photo;
+    strength 1 is exactly the text-to-image sampler whatever the photos."""
+    from training.experiment.stages import generate
+
+    unet, text, _ = _tiny_adapter()
+    captions, seeds = ["a person standing", "a person waving"], [1, 2]
+    photos = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    kept = generate(unet, text, captions, seeds, None, None, 10, 1.5, init_images=photos, strength=0.1)
+    assert np.abs(kept.astype(int) - photos.astype(int)).max() <= 8
+    full = generate(unet, text, captions, seeds, None, None, 3, 1.5, init_images=photos, strength=1.0)
+    assert np.array_equal(full, generate(unet, text, captions, seeds, None, None, 3, 1.5))
+    with pytest.raises(ValueError, match="needs init_images"):
+        generate(unet, text, captions, seeds, None, None, 3, 1.5, strength=0.5)
+    with pytest.raises(ValueError, match="one image per caption"):
+        generate(unet, text, captions, seeds, None, None, 3, 1.5, init_images=photos[:1], strength=0.5)
+    with pytest.raises(ValueError, match="strength"):
+        generate(unet, text, captions, seeds, None, None, 3, 1.5, init_images=photos, strength=0.0)

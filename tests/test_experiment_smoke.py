@@ -147,7 +147,7 @@ def test_recipe_probe_overrides_are_typed():
 
 
 @pytest.mark.skipif(not (ASSETS / "base_unet.safetensors").is_file(), reason="world models not committed")
-@pytest.mark.parametrize("what", ["stage1", "oracle"])
+@pytest.mark.parametrize("what", ["stage1", "oracle", "ceiling"])
 def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
     from training.experiment.recipe_probe import main
 
@@ -166,6 +166,15 @@ def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
         with pytest.raises(SystemExit):
             main([what, "--loss-share", "--out", str(out)])
         assert "belong to the oracle probe" in capsys.readouterr().err
+    elif what == "ceiling":
+        rows = result["rows"]
+        assert result["strengths"] == list(rows) and list(rows)[0] == "0.0" and list(rows)[-1] == "1.0"
+        # strength 0 is the photos themselves: the reader's floor, and no change against itself
+        assert rows["0.0"]["failed_render"] == 0.0
+        assert rows["1.0"]["body_error_vs_text_only"]["mean"]["estimate"] == 0.0
+        for row in rows.values():
+            assert 0 <= row["skin_error"] <= 1 and row["skin_error_summary"]["n_persons"] == 3
+            assert row["appearance_identification"]["chance"] == pytest.approx(1 / 3)
     else:
         assert set(result["text"]) == set(result["oracle"]) and 0 <= result["oracle"]["skin_error"] <= 1
         assert result["config"]["stage2"]["appearance_weight"] == 0.5

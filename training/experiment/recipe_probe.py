@@ -7,6 +7,9 @@
     # ... and how much of L_diff its body condition explains (training.experiment.loss_share), and what
     # guiding the body on its own at generation does (stages.generate's body_guidance)
     python -m training.experiment.recipe_probe oracle --loss-share --body-guidance 3 5 8 --out probe.json
+    # the positive control above the whole ladder: the frozen base model denoising each held-out person's own
+    # target photo from noise level `strength` (img2img): how much identity does even a real photo carry through?
+    python -m training.experiment.recipe_probe ceiling --out probe_base_ceiling.json
 
 Same world, held-out people, captions, seeds and measurements as the experiment (``analysis.measure``); ``--set
 table.key=value`` overrides the experiment config (typed, so a typo is an error). Used to choose the default
@@ -28,6 +31,7 @@ import torch
 
 from bolid.safetensors_io import atomic_write_text
 
+from . import stats
 from .analysis import generation_rows, measure, references_of, stage1_checks
 from .conditions import ORACLE, TEXT
 from .config import ExperimentConfig
@@ -117,9 +121,51 @@ def probe_oracle(cfg: ExperimentConfig, body_guidance: tuple[float, ...] = (), w
     return out
 
 
+CEILING_STRENGTHS = (0.2, 0.4, 0.6, 0.8)
+
+
+def probe_ceiling(cfg: ExperimentConfig, strengths: tuple[float, ...] = CEILING_STRENGTHS) -> dict[str, Any]:
+    """How much identity survives the frozen base model itself: each held-out person's own target photo, noised to
+    ``strength`` and denoised with its caption (img2img, same captions, noise, sampler and measurements as the
+    experiment's text-only arm), beside the photos (strength 0) and text only (strength 1).
+
+    Every adapter arm draws through this frozen model, so this is the yardstick for the ladder: an arm whose skin
+    error reaches the strength-s row carries as much of the person as a real photo noised to s does. Each row:
+    the probe's per-arm means, person-clustered CIs of the skin, hair and body errors, the body error's paired
+    change against text only (same caption and noise), and own-vs-others appearance identification."""
+    unet, text, pose = load_world_models(cfg.assets)
+    world = render_world(cfg)
+    names = sorted(world.heldout)
+    rows = generation_rows(cfg, world, names)
+    refs = references_of(world, pose, cfg.seed)
+    photos = np.stack(rows.target_images)
+    st, smp = cfg.stats, cfg.sampling
+    arms = {"0.0": photos}
+    for s in strengths:
+        arms[str(s)] = generate(unet, text, rows.captions, rows.seeds, steps=smp.steps, guidance=smp.guidance,
+                                batch=smp.batch, init_images=photos, strength=s)
+    arms["1.0"] = generate(unet, text, rows.captions, rows.seeds, steps=smp.steps, guidance=smp.guidance,
+                           batch=smp.batch)
+    measured = {k: measure(pose.read(v), rows.person, refs, rows.truth_attributes) for k, v in arms.items()}
+    out: dict[str, Any] = {"strengths": ["0.0", *map(str, strengths), "1.0"], "images": int(len(rows.person)),
+                           "persons": len(names), "rows": {}}
+    for k, m in measured.items():
+        row: dict[str, Any] = {e: float(np.mean(m[e])) for e in ("skin_error", "hair_error", "body_error",
+                                                                  "caption_attributes", "failed_render")}
+        for e in ("skin_error", "hair_error", "body_error"):
+            row[f"{e}_summary"] = stats.summarise(m[e], rows.person, n_boot=st.n_boot, ci=st.ci, seed=cfg.seed)
+        row["body_error_vs_text_only"] = stats.paired_difference(m["body_error"], measured["1.0"]["body_error"],
+                                                                 rows.person, n_boot=st.n_boot, ci=st.ci,
+                                                                 seed=cfg.seed)
+        ident = stats.identification(m["appearance_distances"], rows.person)
+        row["appearance_identification"] = {key: ident[key] for key in ("top1", "chance", "top1_over_chance")}
+        out["rows"][k] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("stage1", "oracle"))
+    p.add_argument("what", choices=("stage1", "oracle", "ceiling"))
     p.add_argument("--config", default="training/configs/experiment.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
     p.add_argument("--body-guidance", type=float, nargs="+", default=[], metavar="G",
@@ -128,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="oracle: also measure how much of L_diff the body condition explains")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
-    if args.what == "stage1" and (args.body_guidance or args.loss_share):
+    if args.what != "oracle" and (args.body_guidance or args.loss_share):
         p.error("--body-guidance and --loss-share belong to the oracle probe")
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     overrides = parse_overrides(args.overrides)
@@ -136,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    result = probe_stage1(cfg) if args.what == "stage1" else probe_oracle(cfg, tuple(args.body_guidance),
-                                                                            args.loss_share)
+    if args.what == "stage1":
+        result = probe_stage1(cfg)
+    elif args.what == "ceiling":
+        result = probe_ceiling(cfg)
+    else:
+        result = probe_oracle(cfg, tuple(args.body_guidance), args.loss_share)
     result.update(probe=args.what, overrides=overrides, seconds=round(time.time() - t0, 1),
                   threads=torch.get_num_threads(), config=cfg.as_dict())
     out = Path(args.out)

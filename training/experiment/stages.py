@@ -245,15 +245,27 @@ def initial_noise(seeds: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], seeds: list[int],
              adapter: Any = None, bodies: torch.Tensor | None = None, steps: int = 20, guidance: float = 3.0,
-             batch: int = 128, body_guidance: float | None = None) -> np.ndarray:
+             batch: int = 128, body_guidance: float | None = None, init_images: np.ndarray | None = None,
+             strength: float = 1.0) -> np.ndarray:
     """DDIM with classifier-free guidance; the unconditional branch has no text and (with an adapter) a zero
     body, as in training's condition dropout. Same seed -> same initial noise in every arm.
+
+    ``init_images`` (uint8 [N, H, W, 3], one per caption) with ``strength`` in (0, 1] starts from those images
+    noised to the first of the last ``round(strength * steps)`` timesteps (img2img / SDEdit, diffusers' rule), with
+    the same seeded noise; strength 1 ignores them (pure noise, the text-to-image sampler).
 
     ``body_guidance`` (with an adapter; None: one guidance for text and body together, the experiment's sampler)
     guides the body on its own, from a third pass with the caption but no body:
     uncond + guidance * (text - uncond) + body_guidance * (text and body - text)."""
     if body_guidance is not None and adapter is None:
         raise ValueError("body_guidance needs an adapter")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if init_images is not None and len(init_images) != len(captions):
+        raise ValueError(f"{len(init_images)} init_images for {len(captions)} captions: give one image per caption")
+    if strength < 1.0 and init_images is None:
+        raise ValueError("strength < 1 needs init_images (the photos to start from)")
+    start_step = steps - min(steps, max(1, int(round(strength * steps))))
     passes = 2 if body_guidance is None else 3
     out = []
     empty = text([""])
@@ -263,16 +275,20 @@ def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], s
         n = len(caps)
         sched = make_sample_scheduler()
         sched.set_timesteps(steps)
+        timesteps = sched.timesteps[start_step:]
         cond = text(caps)
         ctx = torch.cat([empty.expand(n, -1, -1), *[cond] * (passes - 1)])
         x = noise[start : start + batch].clone()
+        if start_step > 0:
+            x0 = to_model_range(init_images[start : start + batch])
+            x = sched.add_noise(x0, x, timesteps[:1].repeat(n))
         controller = None
         if adapter is not None:
             controller = BoLIDDiffusers.attach(unet, adapter, weight_face=0.0, weight_body=1.0)
             b = bodies[start : start + batch].float()
             controller.set_identity(None, torch.cat([*[no_identity_like(b)] * (passes - 1), b]))
         try:
-            for t in sched.timesteps:
+            for t in timesteps:
                 pred = unet(torch.cat([x] * passes), t, ctx).sample
                 if body_guidance is None:
                     pred = pred[:n] + guidance * (pred[n:] - pred[:n])
