@@ -40,12 +40,14 @@ from .run import row_bodies
 from .stages import (
     generate,
     heldout_body,
+    img2img_start_step,
     load_world_models,
     render_world,
     run_stage1,
     stage2_identities,
     train_adapter,
 )
+from .world_models import make_sample_scheduler
 
 logger = logging.getLogger("bolid.experiment")
 
@@ -124,6 +126,15 @@ def probe_oracle(cfg: ExperimentConfig, body_guidance: tuple[float, ...] = (), w
 CEILING_STRENGTHS = (0.2, 0.4, 0.6, 0.8)
 
 
+def start_timestep(strength: float, steps: int) -> int | None:
+    """The training timestep (of 1000) an img2img start at ``strength`` begins from; None for the photo itself."""
+    if strength <= 0.0:
+        return None
+    sched = make_sample_scheduler()
+    sched.set_timesteps(steps)
+    return int(sched.timesteps[img2img_start_step(strength, steps)])
+
+
 def probe_ceiling(cfg: ExperimentConfig, strengths: tuple[float, ...] = CEILING_STRENGTHS) -> dict[str, Any]:
     """How much identity survives the frozen base model itself: each held-out person's own target photo, noised to
     ``strength`` and denoised with its caption (img2img, same captions, noise, sampler and measurements as the
@@ -159,6 +170,7 @@ def probe_ceiling(cfg: ExperimentConfig, strengths: tuple[float, ...] = CEILING_
                                                                  seed=cfg.seed)
         ident = stats.identification(m["appearance_distances"], rows.person)
         row["appearance_identification"] = {key: ident[key] for key in ("top1", "chance", "top1_over_chance")}
+        row["start_timestep"] = start_timestep(float(k), smp.steps)
         out["rows"][k] = row
     return out
 

@@ -242,6 +242,12 @@ def initial_noise(seeds: list[int]) -> torch.Tensor:
                         for s in seeds])
 
 
+def img2img_start_step(strength: float, steps: int) -> int:
+    """Index of the first of the sampler's ``steps`` timesteps an img2img start at ``strength`` runs (diffusers'
+    rule: the last ``round(strength * steps)`` of them, at least one); 0 for strength 1, pure noise."""
+    return steps - min(steps, max(1, int(round(strength * steps))))
+
+
 @torch.no_grad()
 def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], seeds: list[int],
              adapter: Any = None, bodies: torch.Tensor | None = None, steps: int = 20, guidance: float = 3.0,
@@ -265,7 +271,7 @@ def generate(unet: torch.nn.Module, text: CaptionEncoder, captions: list[str], s
         raise ValueError(f"{len(init_images)} init_images for {len(captions)} captions: give one image per caption")
     if strength < 1.0 and init_images is None:
         raise ValueError("strength < 1 needs init_images (the photos to start from)")
-    start_step = steps - min(steps, max(1, int(round(strength * steps))))
+    start_step = img2img_start_step(strength, steps)
     passes = 2 if body_guidance is None else 3
     out = []
     empty = text([""])
