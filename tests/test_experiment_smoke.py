@@ -168,7 +168,8 @@ def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
         assert "belong to the oracle probe" in capsys.readouterr().err
     elif what == "ceiling":
         rows = result["rows"]
-        assert result["strengths"] == list(rows) and list(rows)[0] == "0.0" and list(rows)[-1] == "1.0"
+        assert result["strengths"] == list(rows)[:-1] and list(rows)[0] == "0.0" and list(rows)[-2:] == ["1.0", "named"]
+        assert rows["named"]["start_timestep"] == rows["1.0"]["start_timestep"]
         # strength 0 is the photos themselves: the reader's floor, and no change against itself
         assert rows["0.0"]["failed_render"] == 0.0 and rows["0.0"]["start_timestep"] is None
         # two sampler steps (t 500, 0): strength 1 starts at the first, 0.2 and 0.4 at the last (at least one step)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bolid.synthetic import HAIR_COLOURS, ORACLE_DIM, SKIN_TONES, make_identity
+from bolid.synthetic import HAIR_COLOURS, ORACLE_DIM, SKIN_TONES, make_identity, tokenize
 from training.experiment.render_check import HELD_OUT_BREAKS, TRAINED_BREAKS, break_photo, render_failed
 from training.experiment.world_models import WorldPoseNet, load_module, render_world_photo, to_model_range
 
@@ -78,3 +78,46 @@ def test_appearance_readout_sees_the_identity(pose_net, unseen_photos):
     skin = (out["skin"].argmax(1).numpy() == np.array([i.skin_index for i in idents])).mean()
     hair = (out["hair"].argmax(1).numpy() == np.array([i.hair_index for i in idents])).mean()
     assert skin >= 0.8 and hair >= 0.8, (skin, hair)
+
+
+def test_identity_words_are_only_in_pretraining_captions():
+    """The base model learns a word -> skin / hair route from pretraining captions that name them; the experiment's
+    captions (stage 2, generation, the text-only arm) never do, so text only stays identity-free."""
+    from bolid.synthetic import caption_vocabulary, render_identity_photos
+    from training.experiment.world_models import (
+        HAIR_WORDS,
+        IDENTITY_VOCABULARY,
+        SKIN_WORDS,
+        CaptionEncoder,
+        described_caption,
+    )
+
+    assert len(SKIN_WORDS) == len(SKIN_TONES) and len(HAIR_WORDS) == len(HAIR_COLOURS)
+    # "black" (a clothing colour) and "grey" ("a grey wall") are words the captions use anyway
+    naming = (set(SKIN_WORDS) | set(HAIR_WORDS) | {"skin", "hair"}) - set(caption_vocabulary())
+    assert naming == {"skin", "hair", "fair", "tan", "brown", "dark", "brunette", "blond", "ginger"}
+    photos = [p for i in range(20) for p in render_identity_photos(0, i, 3)]
+    for p in photos:
+        assert not naming & set(tokenize(p.caption)), p.caption
+    assert not {"skin", "hair"} & set(caption_vocabulary())
+    ident = make_identity(0, 3)
+    rng = np.random.default_rng(0)
+    named = described_caption("a person waving", ident, rng, 1.0)
+    assert named == f"a person waving, with {SKIN_WORDS[ident.skin_index]} skin and {HAIR_WORDS[ident.hair_index]} hair"
+    assert described_caption("a person waving", ident, rng, 0.0) == "a person waving"
+    # every word of a named caption is in the encoder's vocabulary (none maps to <unk>)
+    enc = CaptionEncoder()
+    assert set(IDENTITY_VOCABULARY) <= set(enc.vocab) and 1 not in enc.token_ids([named])[0].tolist()
+
+
+def test_identity_word_stage_keeps_every_trained_word():
+    from training.experiment.pretrain import with_identity_words
+    from training.experiment.world_models import CaptionEncoder
+
+    torch.manual_seed(0)
+    first = CaptionEncoder(identity_words=False)
+    wider = with_identity_words(first)
+    assert len(wider.vocab) > len(first.vocab)
+    caption = ["a person standing with arms raised, front view, wearing a red t-shirt and blue shorts, in front of a beach"]
+    with torch.no_grad():
+        assert torch.equal(first.eval()(caption), wider.eval()(caption))

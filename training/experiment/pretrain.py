@@ -2,13 +2,17 @@
 
     python -m training.experiment.pretrain --out training/experiment_assets --only pose   # keypoints + readouts
     python -m training.experiment.pretrain --out training/experiment_assets --only appearance  # reader only
-    python -m training.experiment.pretrain --out training/experiment_assets --only base --threads 2
+    python -m training.experiment.pretrain --out training/experiment_assets --only base --threads 2  # both stages
+    python -m training.experiment.pretrain --out training/experiment_assets --only describe --threads 2  # 2nd only
 
 Everything trains on photos rendered on the fly from identities 0 .. 49_999 of world seed 0 (the experiment's
 held-out identities are drawn from indices >= 1_000_000, never seen here). The pose model learns keypoints,
 caption attributes and render quality (a quarter of each batch is broken on purpose, see ``render_check``), then
 its appearance reader (skin, hair, build) is trained on top of the frozen keypoint network; ``--only
-appearance`` retrains just that part of a saved pose model. Writes ``pose_net.safetensors``,
+appearance`` retrains just that part of a saved pose model. The base model trains in two stages: first on the
+experiment's captions (pose, clothing, background), then on captions that also name skin and hair
+(``train_described``), which gives it a route from a word to those colours; the experiment's captions never name
+them. ``--only describe`` runs the second stage on a saved first stage. Writes ``pose_net.safetensors``,
 ``base_unet.safetensors``, ``caption_encoder.safetensors`` (fp16) and ``pretrain_log.json`` (settings, loss
 curves, run time) into ``--out``.
 """
@@ -19,7 +23,9 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +41,7 @@ from .world_models import (
     UNET_CONFIG,
     CaptionEncoder,
     WorldPoseNet,
+    described_caption,
     make_base_unet,
     make_train_scheduler,
     render_world_photo,
@@ -182,23 +189,25 @@ def train_appearance(net: WorldPoseNet, steps: int, batch: int, lr: float, seed:
     return net.eval(), losses
 
 
-def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1, snapshot: Path | None = None,
-               snapshot_every: int = 500) -> tuple[torch.nn.Module, CaptionEncoder, list[float]]:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed + 1)
-    unet, text = make_base_unet(), CaptionEncoder()
+def _fit_base(unet: torch.nn.Module, text: CaptionEncoder, steps: int, batch: int, lr: float,
+              rng: np.random.Generator, warmup: int, drop: float, caption_of: Callable[[Any], str],
+              ema_decay: Callable[[int], float], on_step: Callable[[int, dict, dict], None] | None = None,
+              label: str = "base") -> list[float]:
+    """The base model's training loop (v-prediction L_diff, caption dropout ``drop``, warmup then cosine to a
+    tenth, gradient clipping, EMA), shared by the first pretraining stage and the identity-word stage. Leaves the
+    EMA weights in ``unet`` and ``text``."""
     sched = make_train_scheduler()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_text = {k: v.detach().clone() for k, v in text.state_dict().items()}
-    losses = []
+    losses: list[float] = []
     for step in range(steps):
         for g in opt.param_groups:  # warmup, then cosine to a tenth
-            g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
         photos = render_batch(rng, batch)
         x0 = to_model_range(np.stack([p.image for p in photos]))
-        caps = [p.caption if rng.random() >= drop else "" for p in photos]
+        caps = [caption_of(p) if rng.random() >= drop else "" for p in photos]
         noise = torch.randn_like(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
         xt = sched.add_noise(x0, noise, t)
@@ -209,7 +218,7 @@ def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = ema_decay(step)
         with torch.no_grad():
             for src, dst in ((unet.state_dict(), ema), (text.state_dict(), ema_text)):
                 for k, v in src.items():
@@ -217,21 +226,89 @@ def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1, 
                         dst[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
                     else:
                         dst[k].copy_(v)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 50 == 0 or step == steps - 1:
-            logger.info("base %d/%d: loss %.4f (mean of last 50: %.4f)", step, steps, float(loss),
+            logger.info("%s %d/%d: loss %.4f (mean of last 50: %.4f)", label, step, steps, losses[-1],
                         float(np.mean(losses[-50:])))
-        if snapshot is not None and (step + 1) % snapshot_every == 0 and step + 1 < steps:
-            # the EMA weights so far, for looking at the model while it trains (not the final result)
-            snap_u, snap_t = make_base_unet(), CaptionEncoder()
-            snap_u.load_state_dict(ema)
-            snap_t.load_state_dict(ema_text)
-            save_module(snap_u, snapshot / "base_unet.snapshot.safetensors", "world_base_unet", {"steps": step + 1})
-            save_module(snap_t, snapshot / "caption_encoder.snapshot.safetensors", "world_caption_encoder",
-                        {"steps": step + 1})
+        if on_step is not None:
+            on_step(step, ema, ema_text)
     unet.load_state_dict(ema)
     text.load_state_dict(ema_text)
+    return losses
+
+
+def train_base(steps: int, batch: int, lr: float, seed: int, drop: float = 0.1, snapshot: Path | None = None,
+               snapshot_every: int = 500) -> tuple[torch.nn.Module, CaptionEncoder, list[float]]:
+    """First stage: the base model and caption encoder from scratch, on the experiment's own captions (pose,
+    clothing, background; the vocabulary without identity words)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    unet, text = make_base_unet(), CaptionEncoder(identity_words=False)
+
+    def save_snapshot(step: int, ema: dict, ema_text: dict) -> None:
+        if snapshot is None or (step + 1) % snapshot_every != 0 or step + 1 >= steps:
+            return
+        # the EMA weights so far, for looking at the model while it trains (not the final result)
+        snap_u, snap_t = make_base_unet(), CaptionEncoder(identity_words=False)
+        snap_u.load_state_dict(ema)
+        snap_t.load_state_dict(ema_text)
+        save_module(snap_u, snapshot / "base_unet.snapshot.safetensors", "world_base_unet", {"steps": step + 1})
+        save_module(snap_t, snapshot / "caption_encoder.snapshot.safetensors", "world_caption_encoder",
+                    {"steps": step + 1})
+
+    losses = _fit_base(unet, text, steps, batch, lr, rng, warmup=200, drop=drop, caption_of=lambda p: p.caption,
+                       ema_decay=lambda step: min(0.999, (1 + step) / (10 + step)), on_step=save_snapshot)
     return unet.eval(), text.eval(), losses
+
+
+def with_identity_words(text: CaptionEncoder) -> CaptionEncoder:
+    """A caption encoder whose vocabulary adds the identity words, every known word keeping its trained embedding
+    (the new words start from the encoder's random initialisation)."""
+    wider = CaptionEncoder(identity_words=True)
+    state = text.state_dict()
+    embed = wider.embed.weight.detach().clone()
+    for word, i in text.index.items():
+        embed[wider.index[word]] = state["embed.weight"][i]
+    state["embed.weight"] = embed
+    wider.load_state_dict(state)
+    return wider
+
+
+def train_described(unet: torch.nn.Module, text: CaptionEncoder, steps: int, batch: int, lr: float, seed: int,
+                    probability: float, drop: float = 0.1) -> tuple[torch.nn.Module, CaptionEncoder, list[float]]:
+    """Second stage: go on training the first stage's model on captions that also name skin and hair
+    (:func:`world_models.described_caption`), so the base learns a route from a word to those colours, as SD
+    learns one from web captions. The experiment's captions never name them: text only stays identity-free."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 7)
+    text = with_identity_words(text).train()
+    unet.train().requires_grad_(True)
+    text.requires_grad_(True)
+
+    def caption_of(photo: Any) -> str:
+        return described_caption(photo.caption, make_identity(0, photo.identity), rng, probability)
+
+    losses = _fit_base(unet, text, steps, batch, lr, rng, warmup=50, drop=drop, caption_of=caption_of,
+                       ema_decay=lambda step: 0.995, label="describe")
+    return unet.eval(), text.eval(), losses
+
+
+def load_first_stage(folder: Path) -> tuple[torch.nn.Module, CaptionEncoder]:
+    """The saved first pretraining stage (before the identity words), to run the second on."""
+    from bolid.errors import BoLIDError
+
+    from .world_models import load_module
+
+    unet, text = make_base_unet(), CaptionEncoder(identity_words=False)
+    load_module(unet, folder / "base_unet.safetensors", "world_base_unet")
+    try:
+        meta = load_module(text, folder / "caption_encoder.safetensors", "world_caption_encoder")
+    except RuntimeError as exc:  # a vocabulary of another size
+        raise BoLIDError(f"{folder / 'caption_encoder.safetensors'} is not a first-stage caption encoder ({exc}); "
+                         "run `--only base` to train both stages") from exc
+    if meta.get("identity_words"):
+        raise BoLIDError(f"{folder}: the base model there already had its identity-word stage; run `--only base`")
+    return unet, text
 
 
 def unet_prediction_type() -> str:
@@ -249,8 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snapshot-dir", default=None, help="write EMA snapshots here every 500 steps (not committed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--appearance-steps", type=int, default=600)
-    p.add_argument("--only", choices=("pose", "appearance", "base", "both"), default="both",
-                   help="appearance: retrain only the pose model's appearance reader and quality head")
+    p.add_argument("--describe-steps", type=int, default=1500)
+    p.add_argument("--describe-lr", type=float, default=1e-3)
+    p.add_argument("--describe-probability", type=float, default=1.0,
+                   help="chance that a pretraining caption names the skin, and (separately) the hair")
+    p.add_argument("--only", choices=("pose", "appearance", "base", "describe", "both"), default="both",
+                   help="appearance: retrain only the pose model's appearance reader and quality head; base: both "
+                        "stages of the base model; describe: only its second stage, on the saved first stage")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default); 1 is much faster on a busy machine")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
@@ -262,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def read_log() -> dict:  # re-read before each write: a pose and a base run may share the folder
         log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-        return {k: v for k, v in log.items() if k in ("pose", "appearance", "base")}
+        return {k: v for k, v in log.items() if k in ("pose", "appearance", "base", "describe")}
 
     def write_log(log: dict) -> None:
         from bolid.safetensors_io import atomic_write_text
@@ -309,6 +391,22 @@ def main(argv: list[str] | None = None) -> int:
                        "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
                        "loss_every_100_steps": [round(float(np.mean(losses[i:i + 100])), 5)
                                                 for i in range(0, len(losses), 100)]}
+        write_log(log)
+    if args.only in ("base", "describe", "both"):
+        t0 = time.time()
+        if args.only == "describe":  # otherwise unet and text are the first stage just trained
+            unet, text = load_first_stage(out)
+        unet, text, losses = train_described(unet, text, args.describe_steps, args.base_batch, args.describe_lr,
+                                             args.seed, args.describe_probability)
+        extra = {"steps": args.base_steps, "describe_steps": args.describe_steps, "identity_words": True}
+        save_module(unet, out / "base_unet.safetensors", "world_base_unet", extra)
+        save_module(text, out / "caption_encoder.safetensors", "world_caption_encoder", extra)
+        log = read_log()
+        log["describe"] = {"steps": args.describe_steps, "batch": args.base_batch, "lr": args.describe_lr,
+                           "probability": args.describe_probability, "seconds": round(time.time() - t0, 1),
+                           "final_loss": float(np.mean(losses[-100:])), "threads": torch.get_num_threads(),
+                           "loss_every_100_steps": [round(float(np.mean(losses[i:i + 100])), 5)
+                                                    for i in range(0, len(losses), 100)]}
         write_log(log)
     logger.info("pretrain done: %s", log)
     return 0

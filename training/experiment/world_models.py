@@ -1,7 +1,11 @@
 """The small models of the synthetic world (bolid.synthetic): base text-to-image model and pose model.
 
 * :class:`CaptionEncoder`: a fixed-vocabulary caption encoder (word embedding + 2 transformer layers), the
-  world's "text encoder"; an empty caption (all padding) is the unconditional input for CFG.
+  world's "text encoder"; an empty caption (all padding) is the unconditional input for CFG. Its vocabulary also
+  holds the identity words (:data:`SKIN_WORDS`, :data:`HAIR_WORDS`) that only pretraining captions use
+  (:func:`described_caption`): like SD's text encoder, which knows "red hair", the base model then has a route
+  from a token to a skin or hair colour that the BoLID body branch can reuse. The experiment's captions
+  (:func:`bolid.synthetic.caption_for`) never contain them.
 * :func:`make_base_unet`: a pixel-space diffusers ``UNet2DConditionModel`` at 32x32 with cross-attention, so the
   BoLID adapter attaches to it exactly as to SD1.5 (4 cross-attention layers, context dim 64).
 * :class:`WorldPoseNet`: a small CNN keypoint regressor (heatmaps + soft-argmax, so it is differentiable in the
@@ -52,6 +56,25 @@ IDENTITY_CLASSES: dict[str, int] = {"skin": len(SKIN_TONES), "hair": len(HAIR_CO
 BUILD_SLICE = slice(6, 8)  # limb width and waist width inside SyntheticIdentity.oracle_vector
 
 
+# words only the base model's pretraining captions use (never the experiment's): one per skin tone / hair colour,
+# in SKIN_TONES / HAIR_COLOURS order
+SKIN_WORDS: tuple[str, ...] = ("fair", "tan", "brown", "dark")
+HAIR_WORDS: tuple[str, ...] = ("black", "brunette", "blond", "ginger", "grey")
+IDENTITY_VOCABULARY: tuple[str, ...] = (*SKIN_WORDS, *HAIR_WORDS, "skin", "hair", "with")
+
+
+def described_caption(caption: str, identity: SyntheticIdentity, rng: np.random.Generator, probability: float
+                      ) -> str:
+    """A pretraining caption that may also name the person's skin and hair (each with ``probability``), as web
+    captions sometimes do: "..., with tan skin and ginger hair"."""
+    extra = []
+    if rng.random() < probability:
+        extra.append(f"{SKIN_WORDS[identity.skin_index]} skin")
+    if rng.random() < probability:
+        extra.append(f"{HAIR_WORDS[identity.hair_index]} hair")
+    return caption + (", with " + " and ".join(extra) if extra else "")
+
+
 def render_world_photo(identity: SyntheticIdentity, photo_seed: int) -> SyntheticPhoto:
     """One photo of the experiment's world (32 px, front view)."""
     return render_photo(identity, photo_seed, size=IMAGE_SIZE, attributes=FIXED_ATTRIBUTES)
@@ -63,9 +86,12 @@ def render_world_photo(identity: SyntheticIdentity, photo_seed: int) -> Syntheti
 class CaptionEncoder(nn.Module):
     """Captions -> [B, MAX_TOKENS, CONTEXT_DIM] token states (unknown words map to <unk>)."""
 
-    def __init__(self, dim: int = CONTEXT_DIM, layers: int = 2, max_tokens: int = MAX_TOKENS) -> None:
+    def __init__(self, dim: int = CONTEXT_DIM, layers: int = 2, max_tokens: int = MAX_TOKENS,
+                 identity_words: bool = True) -> None:
+        """``identity_words=False``: the vocabulary of the first pretraining stage, before the identity words."""
         super().__init__()
-        self.vocab = ["<pad>", "<unk>", *caption_vocabulary()]
+        words = set(caption_vocabulary()) | (set(IDENTITY_VOCABULARY) if identity_words else set())
+        self.vocab = ["<pad>", "<unk>", *sorted(words)]
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.max_tokens = max_tokens
         self.embed = nn.Embedding(len(self.vocab), dim)
