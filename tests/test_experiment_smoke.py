@@ -174,7 +174,9 @@ def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
         assert rows["0.0"]["failed_render"] == 0.0 and rows["0.0"]["start_timestep"] is None
         # two sampler steps (t 500, 0): strength 1 starts at the first, 0.2 and 0.4 at the last (at least one step)
         assert rows["1.0"]["start_timestep"] == 500 and rows["0.2"]["start_timestep"] == rows["0.4"]["start_timestep"] == 0
-        assert rows["1.0"]["body_error_vs_text_only"]["mean"]["estimate"] == 0.0
+        # with 2 sampler steps some bodies are unreadable: a statistic that cannot be had says why, never NaN
+        paired = rows["1.0"]["body_error_vs_text_only"]
+        assert "undefined" in paired or paired["mean"]["estimate"] == 0.0
         for row in rows.values():
             assert 0 <= row["skin_error"] <= 1 and row["skin_error_summary"]["n_persons"] == 3
             assert row["appearance_identification"]["chance"] == pytest.approx(1 / 3)

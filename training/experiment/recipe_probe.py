@@ -32,7 +32,7 @@ import torch
 from bolid.safetensors_io import atomic_write_text
 
 from . import stats
-from .analysis import generation_rows, measure, references_of, stage1_checks
+from .analysis import _safely, generation_rows, measure, references_of, stage1_checks
 from .conditions import ORACLE, TEXT
 from .config import ExperimentConfig
 from .loss_share import loss_share, per_row_losses
@@ -171,11 +171,13 @@ def probe_ceiling(cfg: ExperimentConfig, strengths: tuple[float, ...] = CEILING_
     for k, m in measured.items():
         row: dict[str, Any] = {e: float(np.mean(m[e])) for e in ("skin_error", "hair_error", "body_error",
                                                                   "caption_attributes", "failed_render")}
+        # a statistic the images cannot give (e.g. too few readable bodies) is {"undefined": why}, as in the run
         for e in ("skin_error", "hair_error", "body_error"):
-            row[f"{e}_summary"] = stats.summarise(m[e], rows.person, n_boot=st.n_boot, ci=st.ci, seed=cfg.seed)
-        row["body_error_vs_text_only"] = stats.paired_difference(m["body_error"], measured["1.0"]["body_error"],
-                                                                 rows.person, n_boot=st.n_boot, ci=st.ci,
-                                                                 seed=cfg.seed)
+            row[f"{e}_summary"] = _safely(stats.summarise, m[e], rows.person, n_boot=st.n_boot, ci=st.ci,
+                                          seed=cfg.seed)
+        row["body_error_vs_text_only"] = _safely(stats.paired_difference, m["body_error"],
+                                                 measured["1.0"]["body_error"], rows.person, n_boot=st.n_boot,
+                                                 ci=st.ci, seed=cfg.seed)
         ident = stats.identification(m["appearance_distances"], rows.person)
         row["appearance_identification"] = {key: ident[key] for key in ("top1", "chance", "top1_over_chance")}
         row["start_timestep"] = start_timestep(1.0 if k == "named" else float(k), smp.steps)
