@@ -99,7 +99,7 @@ PER_IMAGE_METRICS = ("body_error", "skin_error", "hair_error", "appearance_dista
                      "failed_render")
 
 
-def _safely(fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def safely(fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """A statistic, or {"undefined": why} when the data cannot give it (e.g. every body unreadable)."""
     try:
         return fn(*args, **kwargs)
@@ -113,22 +113,22 @@ def analyse_arm(m: dict[str, np.ndarray], person: np.ndarray, features: np.ndarr
     paired comparisons against text only (same caption and noise)."""
     st = cfg.stats
     kw = {"n_boot": st.n_boot, "ci": st.ci, "seed": cfg.seed}
-    out: dict[str, Any] = {"summary": {k: _safely(stats.summarise, m[k], person, **kw) for k in PER_IMAGE_METRICS}}
+    out: dict[str, Any] = {"summary": {k: safely(stats.summarise, m[k], person, **kw) for k in PER_IMAGE_METRICS}}
     out["fid_pose_features"] = fid_from_features(real_features, features)
     for what in ("appearance", "body"):
         d = m[f"{what}_distances"]
         cand = np.arange(d.shape[1])
-        ident = _safely(stats.identification, d, person, cand)
-        perm = _safely(stats.permutation_pvalue_identification, d, person, n_perm=st.n_perm, seed=cfg.seed,
+        ident = safely(stats.identification, d, person, cand)
+        perm = safely(stats.permutation_pvalue_identification, d, person, n_perm=st.n_perm, seed=cfg.seed,
                        candidate_persons=cand)
-        gap = _safely(stats.own_minus_others, d, person, cand, **kw)
-        gap_p = _safely(stats.permutation_pvalue_own_minus_others, d, person, n_perm=st.n_perm, seed=cfg.seed,
+        gap = safely(stats.own_minus_others, d, person, cand, **kw)
+        gap_p = safely(stats.permutation_pvalue_own_minus_others, d, person, n_perm=st.n_perm, seed=cfg.seed,
                         candidate_persons=cand)
         out[f"{what}_identification"] = {k: v for k, v in ident.items() if k != "ranks"} | {
             "p_value": perm.get("p_value"), "null_mean": perm.get("null_mean")}
         out[f"{what}_own_minus_others"] = {**gap.get("summary", gap), "p_value": gap_p.get("p_value")}
     if base is not None:
-        out["vs_text_only"] = {k: _safely(stats.paired_difference, m[k], base[k], person, **kw)
+        out["vs_text_only"] = {k: safely(stats.paired_difference, m[k], base[k], person, **kw)
                                for k in ("body_error", "skin_error", "hair_error", "caption_attributes")}
     return out
 

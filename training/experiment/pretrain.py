@@ -42,6 +42,7 @@ from .world_models import (
     CaptionEncoder,
     WorldPoseNet,
     described_caption,
+    load_module,
     make_base_unet,
     make_train_scheduler,
     render_world_photo,
@@ -297,8 +298,6 @@ def load_first_stage(folder: Path) -> tuple[torch.nn.Module, CaptionEncoder]:
     """The saved first pretraining stage (before the identity words), to run the second on."""
     from bolid.errors import BoLIDError
 
-    from .world_models import load_module
-
     unet, text = make_base_unet(), CaptionEncoder(identity_words=False)
     load_module(unet, folder / "base_unet.safetensors", "world_base_unet")
     try:
@@ -365,8 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("pose", "appearance", "both"):
         t0 = time.time()
         if args.only == "appearance":  # on the saved keypoint network
-            from .world_models import load_module
-
             net = WorldPoseNet()
             load_module(net, out / "pose_net.safetensors", "world_pose_net", strict=False)
         net, losses = train_appearance(net, args.appearance_steps, args.pose_batch, 2e-3, args.seed)

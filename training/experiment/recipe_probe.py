@@ -32,7 +32,7 @@ import torch
 from bolid.safetensors_io import atomic_write_text
 
 from . import stats
-from .analysis import _safely, generation_rows, measure, references_of, stage1_checks
+from .analysis import generation_rows, measure, references_of, safely, stage1_checks
 from .conditions import ORACLE, TEXT
 from .config import ExperimentConfig
 from .loss_share import loss_share, per_row_losses
@@ -173,9 +173,9 @@ def probe_ceiling(cfg: ExperimentConfig, strengths: tuple[float, ...] = CEILING_
                                                                   "caption_attributes", "failed_render")}
         # a statistic the images cannot give (e.g. too few readable bodies) is {"undefined": why}, as in the run
         for e in ("skin_error", "hair_error", "body_error"):
-            row[f"{e}_summary"] = _safely(stats.summarise, m[e], rows.person, n_boot=st.n_boot, ci=st.ci,
+            row[f"{e}_summary"] = safely(stats.summarise, m[e], rows.person, n_boot=st.n_boot, ci=st.ci,
                                           seed=cfg.seed)
-        row["body_error_vs_text_only"] = _safely(stats.paired_difference, m["body_error"],
+        row["body_error_vs_text_only"] = safely(stats.paired_difference, m["body_error"],
                                                  measured["1.0"]["body_error"], rows.person, n_boot=st.n_boot,
                                                  ci=st.ci, seed=cfg.seed)
         ident = stats.identification(m["appearance_distances"], rows.person)
