@@ -81,33 +81,56 @@ def test_appearance_readout_sees_the_identity(pose_net, unseen_photos):
 
 
 def test_identity_words_are_only_in_pretraining_captions():
-    """The base model learns a word -> skin / hair route from pretraining captions that name them; the experiment's
-    captions (stage 2, generation, the text-only arm) never do, so text only stays identity-free."""
-    from bolid.synthetic import caption_vocabulary, render_identity_photos
+    """The base model learns a word -> skin / hair / proportion route from pretraining captions that name them; the
+    experiment's captions (stage 2, generation, the text-only arm) never do, so text only stays identity-free."""
+    from bolid.synthetic import BONE_RANGES, caption_vocabulary, render_identity_photos
     from training.experiment.world_models import (
         HAIR_WORDS,
         IDENTITY_VOCABULARY,
+        MAX_TOKENS,
+        PROPORTION_WORDS,
         SKIN_WORDS,
         CaptionEncoder,
         described_caption,
+        proportion_words,
     )
 
     assert len(SKIN_WORDS) == len(SKIN_TONES) and len(HAIR_WORDS) == len(HAIR_COLOURS)
-    # "black" (a clothing colour) and "grey" ("a grey wall") are words the captions use anyway
-    naming = (set(SKIN_WORDS) | set(HAIR_WORDS) | {"skin", "hair"}) - set(caption_vocabulary())
-    assert naming == {"skin", "hair", "fair", "tan", "brown", "dark", "brunette", "blond", "ginger"}
+    assert set(PROPORTION_WORDS) == set(BONE_RANGES)
+    naming = set(IDENTITY_VOCABULARY)
+    assert len(naming) == len(IDENTITY_VOCABULARY) and not naming & set(caption_vocabulary())
     photos = [p for i in range(20) for p in render_identity_photos(0, i, 3)]
     for p in photos:
         assert not naming & set(tokenize(p.caption)), p.caption
-    assert not {"skin", "hair"} & set(caption_vocabulary())
     ident = make_identity(0, 3)
     rng = np.random.default_rng(0)
     named = described_caption("a person waving", ident, rng, 1.0)
-    assert named == f"a person waving, with {SKIN_WORDS[ident.skin_index]} skin and {HAIR_WORDS[ident.hair_index]} hair"
+    expected = [SKIN_WORDS[ident.skin_index], HAIR_WORDS[ident.hair_index], *proportion_words(ident)]
+    assert named == "a person waving, " + " ".join(expected)
     assert described_caption("a person waving", ident, rng, 0.0) == "a person waving"
-    # every word of a named caption is in the encoder's vocabulary (none maps to <unk>)
+    assert described_caption("a person waving", ident, rng, 1.0, plain=1.0) == "a person waving"
+    # every word of a named caption is in the encoder's vocabulary (none maps to <unk>), and the longest named
+    # caption of the world still fits the encoder's tokens (nothing is cut off)
     enc = CaptionEncoder()
     assert set(IDENTITY_VOCABULARY) <= set(enc.vocab) and 1 not in enc.token_ids([named])[0].tolist()
+    longest = max((described_caption(render_world_photo(make_identity(0, i), i).caption, make_identity(0, i), rng,
+                                     1.0) for i in range(300)), key=lambda c: len(tokenize(c)))
+    assert len(tokenize(longest)) <= MAX_TOKENS, longest
+
+
+def test_proportion_words_name_the_outer_thirds():
+    """A known answer: a bone at 10 % of its range is "short", at 50 % unnamed, at 90 % "long"."""
+    from dataclasses import replace
+
+    from bolid.synthetic import BONE_RANGES
+    from training.experiment.world_models import PROPORTION_WORDS, proportion_words
+
+    ident = make_identity(0, 3)
+    for name, (lo, hi) in BONE_RANGES.items():
+        mid = {n: (a + b) / 2 for n, (a, b) in BONE_RANGES.items()}
+        for at, expected in ((0.1, [PROPORTION_WORDS[name][0]]), (0.5, []), (0.9, [PROPORTION_WORDS[name][1]])):
+            bones = {**mid, name: lo + at * (hi - lo)}
+            assert proportion_words(replace(ident, bones=bones)) == expected, (name, at)
 
 
 def test_identity_word_stage_keeps_every_trained_word():
@@ -121,3 +144,28 @@ def test_identity_word_stage_keeps_every_trained_word():
     caption = ["a person standing with arms raised, front view, wearing a red t-shirt and blue shorts, in front of a beach"]
     with torch.no_grad():
         assert torch.equal(first.eval()(caption), wider.eval()(caption))
+
+
+def test_describe_stage_runs_on_a_first_stage_and_only_once(tmp_path):
+    """`pretrain --only describe` on a saved first stage: writes an encoder that knows the identity words and a log
+    of its settings; run again on its own output it refuses (the words would be trained twice)."""
+    import json
+
+    from bolid.errors import BoLIDError
+    from training.experiment import pretrain
+    from training.experiment.world_models import IDENTITY_VOCABULARY, CaptionEncoder, make_base_unet, save_module
+
+    torch.manual_seed(0)
+    save_module(make_base_unet(), tmp_path / "base_unet.safetensors", "world_base_unet", {"steps": 0})
+    save_module(CaptionEncoder(identity_words=False), tmp_path / "caption_encoder.safetensors",
+                "world_caption_encoder", {"steps": 0})
+    args = ["--out", str(tmp_path), "--only", "describe", "--describe-steps", "2", "--base-batch", "2",
+            "--threads", "1", "--describe-plain", "0.3"]
+    assert pretrain.main(args) == 0
+    log = json.loads((tmp_path / "pretrain_log.json").read_text())["describe"]
+    assert (log["steps"], log["plain"], log["probability"]) == (2, 0.3, 1.0)
+    text = CaptionEncoder()
+    meta = load_module(text, tmp_path / "caption_encoder.safetensors", "world_caption_encoder")
+    assert meta["identity_words"] and set(IDENTITY_VOCABULARY) <= set(text.vocab)
+    with pytest.raises(BoLIDError, match="not a first-stage caption encoder"):
+        pretrain.main(args)

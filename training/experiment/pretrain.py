@@ -10,8 +10,8 @@ held-out identities are drawn from indices >= 1_000_000, never seen here). The p
 caption attributes and render quality (a quarter of each batch is broken on purpose, see ``render_check``), then
 its appearance reader (skin, hair, build) is trained on top of the frozen keypoint network; ``--only
 appearance`` retrains just that part of a saved pose model. The base model trains in two stages: first on the
-experiment's captions (pose, clothing, background), then on captions that also name skin and hair
-(``train_described``), which gives it a route from a word to those colours; the experiment's captions never name
+experiment's captions (pose, clothing, background), then on captions that also name skin, hair and proportions
+(``train_described``), which gives it a route from a word to those traits; the experiment's captions never name
 them. ``--only describe`` runs the second stage on a saved first stage. Writes ``pose_net.safetensors``,
 ``base_unet.safetensors``, ``caption_encoder.safetensors`` (fp16) and ``pretrain_log.json`` (settings, loss
 curves, run time) into ``--out``.
@@ -276,10 +276,12 @@ def with_identity_words(text: CaptionEncoder) -> CaptionEncoder:
 
 
 def train_described(unet: torch.nn.Module, text: CaptionEncoder, steps: int, batch: int, lr: float, seed: int,
-                    probability: float, drop: float = 0.1) -> tuple[torch.nn.Module, CaptionEncoder, list[float]]:
-    """Second stage: go on training the first stage's model on captions that also name skin and hair
-    (:func:`world_models.described_caption`), so the base learns a route from a word to those colours, as SD
-    learns one from web captions. The experiment's captions never name them: text only stays identity-free."""
+                    probability: float, plain: float = 0.0, drop: float = 0.1
+                    ) -> tuple[torch.nn.Module, CaptionEncoder, list[float]]:
+    """Second stage: go on training the first stage's model on captions that also name skin, hair and proportions
+    (:func:`world_models.described_caption`), so the base learns a route from a word to those traits, as SD
+    learns one from web captions; a share ``plain`` of captions stays plain, so the plain captions stay in
+    distribution. The experiment's captions never name the traits: text only stays identity-free."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 7)
     text = with_identity_words(text).train()
@@ -287,7 +289,7 @@ def train_described(unet: torch.nn.Module, text: CaptionEncoder, steps: int, bat
     text.requires_grad_(True)
 
     def caption_of(photo: Any) -> str:
-        return described_caption(photo.caption, make_identity(0, photo.identity), rng, probability)
+        return described_caption(photo.caption, make_identity(0, photo.identity), rng, probability, plain)
 
     losses = _fit_base(unet, text, steps, batch, lr, rng, warmup=50, drop=drop, caption_of=caption_of,
                        ema_decay=lambda step: 0.995, label="describe")
@@ -325,10 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snapshot-dir", default=None, help="write EMA snapshots here every 500 steps (not committed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--appearance-steps", type=int, default=600)
-    p.add_argument("--describe-steps", type=int, default=1500)
+    p.add_argument("--describe-steps", type=int, default=3000)
     p.add_argument("--describe-lr", type=float, default=1e-3)
     p.add_argument("--describe-probability", type=float, default=1.0,
-                   help="chance that a pretraining caption names the skin, and (separately) the hair")
+                   help="chance that a described caption names each trait (skin, hair, each proportion word)")
+    p.add_argument("--describe-plain", type=float, default=0.2,
+                   help="share of second-stage captions left plain (no identity words at all)")
     p.add_argument("--only", choices=("pose", "appearance", "base", "describe", "both"), default="both",
                    help="appearance: retrain only the pose model's appearance reader and quality head; base: both "
                         "stages of the base model; describe: only its second stage, on the saved first stage")
@@ -394,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.only == "describe":  # otherwise unet and text are the first stage just trained
             unet, text = load_first_stage(out)
         unet, text, losses = train_described(unet, text, args.describe_steps, args.base_batch, args.describe_lr,
-                                             args.seed, args.describe_probability)
+                                             args.seed, args.describe_probability, args.describe_plain)
         extra = {"steps": args.base_steps, "describe_steps": args.describe_steps, "identity_words": True}
         save_module(unet, out / "base_unet.safetensors", "world_base_unet", extra)
         save_module(text, out / "caption_encoder.safetensors", "world_caption_encoder", extra)
         log = read_log()
         log["describe"] = {"steps": args.describe_steps, "batch": args.base_batch, "lr": args.describe_lr,
-                           "probability": args.describe_probability, "seconds": round(time.time() - t0, 1),
+                           "probability": args.describe_probability,
+                           "plain": args.describe_plain, "seconds": round(time.time() - t0, 1),
                            "final_loss": float(np.mean(losses[-100:])), "threads": torch.get_num_threads(),
                            "loss_every_100_steps": [round(float(np.mean(losses[i:i + 100])), 5)
                                                     for i in range(0, len(losses), 100)]}

@@ -139,8 +139,8 @@ def probe_ceiling(cfg: ExperimentConfig, strengths: tuple[float, ...] = CEILING_
     """How much identity survives the frozen base model itself: each held-out person's own target photo, noised to
     ``strength`` and denoised with its caption (img2img, same captions, noise, sampler and measurements as the
     experiment's text-only arm), beside the photos (strength 0), text only (strength 1) and text only with captions
-    that name the person's skin and hair (row "named": the base model's own word -> colour route, which only
-    pretraining captions use).
+    that name the person's skin, hair and proportions (row "named": the base model's own word -> trait route,
+    which only pretraining captions use).
 
     Every adapter arm draws through this frozen model, so this is the yardstick for the ladder: an arm whose skin
     error reaches the strength-s row carries as much of the person as a real photo noised to s does. Each row:
@@ -159,14 +159,15 @@ def probe_ceiling(cfg: ExperimentConfig, strengths: tuple[float, ...] = CEILING_
                                 batch=smp.batch, init_images=photos, strength=s)
     arms["1.0"] = generate(unet, text, rows.captions, rows.seeds, steps=smp.steps, guidance=smp.guidance,
                            batch=smp.batch)
-    # the text route: the same captions naming the person's skin and hair, as only pretraining captions do
+    # the text route: the same captions naming the person's identity, as only pretraining captions do
     always = np.random.default_rng(cfg.seed)
     named = [described_caption(c, world.heldout[names[k]].identity, always, 1.0)
              for c, k in zip(rows.captions, rows.person, strict=True)]
     arms["named"] = generate(unet, text, named, rows.seeds, steps=smp.steps, guidance=smp.guidance, batch=smp.batch)
     measured = {k: measure(pose.read(v), rows.person, refs, rows.truth_attributes) for k, v in arms.items()}
     out: dict[str, Any] = {"strengths": ["0.0", *map(str, strengths), "1.0"], "images": int(len(rows.person)),
-                           "named": "text only with captions that name the person's skin and hair (the text route)",
+                           "named": "text only with captions that name the person's skin, hair and proportions "
+                                    "(the text route)",
                            "persons": len(names), "rows": {}}
     for k, m in measured.items():
         row: dict[str, Any] = {e: float(np.mean(m[e])) for e in ("skin_error", "hair_error", "body_error",

@@ -2,10 +2,10 @@
 
 * :class:`CaptionEncoder`: a fixed-vocabulary caption encoder (word embedding + 2 transformer layers), the
   world's "text encoder"; an empty caption (all padding) is the unconditional input for CFG. Its vocabulary also
-  holds the identity words (:data:`SKIN_WORDS`, :data:`HAIR_WORDS`) that only pretraining captions use
-  (:func:`described_caption`): like SD's text encoder, which knows "red hair", the base model then has a route
-  from a token to a skin or hair colour that the BoLID body branch can reuse. The experiment's captions
-  (:func:`bolid.synthetic.caption_for`) never contain them.
+  holds the identity words (:data:`SKIN_WORDS`, :data:`HAIR_WORDS`, :data:`PROPORTION_WORDS`) that only
+  pretraining captions use (:func:`described_caption`): like SD's text encoder, which knows "red hair" and "long
+  legs", the base model then has a route from a token to a colour or a limb length that the BoLID body branch
+  can reuse. The experiment's captions (:func:`bolid.synthetic.caption_for`) never contain them.
 * :func:`make_base_unet`: a pixel-space diffusers ``UNet2DConditionModel`` at 32x32 with cross-attention, so the
   BoLID adapter attaches to it exactly as to SD1.5 (4 cross-attention layers, context dim 64).
 * :class:`WorldPoseNet`: a small CNN keypoint regressor (heatmaps + soft-argmax, so it is differentiable in the
@@ -28,6 +28,7 @@ from torch import nn
 
 from bolid.synthetic import (
     BACKGROUNDS,
+    BONE_RANGES,
     COLOURS,
     HAIR_COLOURS,
     POSES,
@@ -56,23 +57,42 @@ IDENTITY_CLASSES: dict[str, int] = {"skin": len(SKIN_TONES), "hair": len(HAIR_CO
 BUILD_SLICE = slice(6, 8)  # limb width and waist width inside SyntheticIdentity.oracle_vector
 
 
-# words only the base model's pretraining captions use (never the experiment's): one per skin tone / hair colour,
-# in SKIN_TONES / HAIR_COLOURS order
-SKIN_WORDS: tuple[str, ...] = ("fair", "tan", "brown", "dark")
-HAIR_WORDS: tuple[str, ...] = ("black", "brunette", "blond", "ginger", "grey")
-IDENTITY_VOCABULARY: tuple[str, ...] = (*SKIN_WORDS, *HAIR_WORDS, "skin", "hair", "with")
+# words only the base model's pretraining captions use (never the experiment's), one token each: a skin tone and a
+# hair colour (SKIN_TONES / HAIR_COLOURS order), and for each proportion a word for the lower and the upper third of
+# its range (the middle third is not named), as web captions say "long legs" or "broad shoulders"
+SKIN_WORDS: tuple[str, ...] = ("fair-skin", "tan-skin", "brown-skin", "dark-skin")
+HAIR_WORDS: tuple[str, ...] = ("black-hair", "brunette-hair", "blond-hair", "ginger-hair", "grey-hair")
+PROPORTION_WORDS: dict[str, tuple[str, str]] = {
+    "upper_arm": ("short-upper-arms", "long-upper-arms"), "forearm": ("short-forearms", "long-forearms"),
+    "thigh": ("short-thighs", "long-thighs"), "shin": ("short-shins", "long-shins"),
+    "shoulder_width": ("narrow-shoulders", "broad-shoulders"), "hip_width": ("narrow-hips", "wide-hips"),
+}
+IDENTITY_VOCABULARY: tuple[str, ...] = (*SKIN_WORDS, *HAIR_WORDS,
+                                        *(word for pair in PROPORTION_WORDS.values() for word in pair))
 
 
-def described_caption(caption: str, identity: SyntheticIdentity, rng: np.random.Generator, probability: float
-                      ) -> str:
-    """A pretraining caption that may also name the person's skin and hair (each with ``probability``), as web
-    captions sometimes do: "..., with tan skin and ginger hair"."""
-    extra = []
-    if rng.random() < probability:
-        extra.append(f"{SKIN_WORDS[identity.skin_index]} skin")
-    if rng.random() < probability:
-        extra.append(f"{HAIR_WORDS[identity.hair_index]} hair")
-    return caption + (", with " + " and ".join(extra) if extra else "")
+def proportion_words(identity: SyntheticIdentity) -> list[str]:
+    """The words for the person's proportions that lie in the lower or upper third of their range."""
+    words = []
+    for name, (low, high) in PROPORTION_WORDS.items():
+        lo, hi = BONE_RANGES[name]
+        position = (identity.bones[name] - lo) / (hi - lo)
+        if position < 1 / 3:
+            words.append(low)
+        elif position > 2 / 3:
+            words.append(high)
+    return words
+
+
+def described_caption(caption: str, identity: SyntheticIdentity, rng: np.random.Generator, probability: float,
+                      plain: float = 0.0) -> str:
+    """A pretraining caption that may also name the person's identity: "..., tan-skin ginger-hair long-thighs".
+    With chance ``plain`` it is left as it is, so the base keeps knowing the plain captions the experiment uses;
+    otherwise each trait (skin, hair, each proportion word) is named with chance ``probability``."""
+    is_plain = rng.random() < plain
+    traits = [SKIN_WORDS[identity.skin_index], HAIR_WORDS[identity.hair_index], *proportion_words(identity)]
+    named = [word for word in traits if rng.random() < probability]  # one draw per trait, plain or not
+    return caption if is_plain or not named else caption + ", " + " ".join(named)
 
 
 def render_world_photo(identity: SyntheticIdentity, photo_seed: int) -> SyntheticPhoto:
