@@ -83,6 +83,8 @@ def test_appearance_readout_sees_the_identity(pose_net, unseen_photos):
 def test_identity_words_are_only_in_pretraining_captions():
     """The base model learns a word -> skin / hair / proportion route from pretraining captions that name them; the
     experiment's captions (stage 2, generation, the text-only arm) never do, so text only stays identity-free."""
+    from dataclasses import replace
+
     from bolid.synthetic import BONE_RANGES, caption_vocabulary, render_identity_photos
     from training.experiment.world_models import (
         HAIR_WORDS,
@@ -113,9 +115,12 @@ def test_identity_words_are_only_in_pretraining_captions():
     # caption of the world still fits the encoder's tokens (nothing is cut off)
     enc = CaptionEncoder()
     assert set(IDENTITY_VOCABULARY) <= set(enc.vocab) and 1 not in enc.token_ids([named])[0].tolist()
-    longest = max((described_caption(render_world_photo(make_identity(0, i), i).caption, make_identity(0, i), rng,
-                                     1.0) for i in range(300)), key=lambda c: len(tokenize(c)))
-    assert len(tokenize(longest)) <= MAX_TOKENS, longest
+    # worst case: the longest plain caption of many photos, for a person with every proportion in an outer third
+    extreme = replace(ident, bones={n: lo for n, (lo, _) in BONE_RANGES.items()})
+    assert len(proportion_words(extreme)) == len(PROPORTION_WORDS)
+    plain = max((render_world_photo(make_identity(0, i), i).caption for i in range(2000)), key=lambda c: len(tokenize(c)))
+    longest = described_caption(plain, extreme, rng, 1.0)
+    assert len(tokenize(longest)) == len(tokenize(plain)) + 2 + len(PROPORTION_WORDS) <= MAX_TOKENS, longest
 
 
 def test_proportion_words_name_the_outer_thirds():

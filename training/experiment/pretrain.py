@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--describe-probability", type=float, default=1.0,
                    help="chance that a described caption names each trait (skin, hair, each proportion word)")
     p.add_argument("--describe-plain", type=float, default=0.2,
-                   help="share of second-stage captions left plain (no identity words at all)")
+                   help="share of second-stage captions left plain (no identity words at all); with a probability "
+                        "below 1 a caption whose every draw failed is plain too, and caption dropout empties a tenth")
     p.add_argument("--only", choices=("pose", "appearance", "base", "describe", "both"), default="both",
                    help="appearance: retrain only the pose model's appearance reader and quality head; base: both "
                         "stages of the base model; describe: only its second stage, on the saved first stage")
