@@ -302,14 +302,17 @@ def load_first_stage(folder: Path) -> tuple[torch.nn.Module, CaptionEncoder]:
 
     unet, text = make_base_unet(), CaptionEncoder(identity_words=False)
     load_module(unet, folder / "base_unet.safetensors", "world_base_unet")
-    try:
-        meta = load_module(text, folder / "caption_encoder.safetensors", "world_caption_encoder")
-    except RuntimeError as exc:  # a vocabulary of another size
+    try:  # an encoder that already has the identity words has a larger vocabulary and does not load here
+        load_module(text, folder / "caption_encoder.safetensors", "world_caption_encoder")
+    except RuntimeError as exc:
         raise BoLIDError(f"{folder / 'caption_encoder.safetensors'} is not a first-stage caption encoder ({exc}); "
                          "run `--only base` to train both stages") from exc
-    if meta.get("identity_words"):
-        raise BoLIDError(f"{folder}: the base model there already had its identity-word stage; run `--only base`")
     return unet, text
+
+
+def loss_curve(losses: list[float], every: int, digits: int) -> list[float]:
+    """The mean loss of each run of ``every`` steps, for the log."""
+    return [round(float(np.mean(losses[i:i + every])), digits) for i in range(0, len(losses), every)]
 
 
 def unet_prediction_type() -> str:
@@ -363,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         log = read_log()
         log["pose"] = {"steps": args.pose_steps, "batch": args.pose_batch, "seconds": round(time.time() - t0, 1),
                        "final_coord_l1_px": float(np.mean(losses[-50:])), "threads": torch.get_num_threads(),
-                       "coord_l1_px_every_50_steps": [round(float(np.mean(losses[i:i + 50])), 4)
-                                                      for i in range(0, len(losses), 50)]}
+                       "coord_l1_px_every_50_steps": loss_curve(losses, 50, 4)}
         write_log(log)
     if args.only in ("pose", "appearance", "both"):
         t0 = time.time()
@@ -377,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         log = read_log()
         log["appearance"] = {"steps": args.appearance_steps, "batch": args.pose_batch,
                              "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-50:])),
-                             "loss_every_50_steps": [round(float(np.mean(losses[i:i + 50])), 4)
-                                                     for i in range(0, len(losses), 50)]}
+                             "loss_every_50_steps": loss_curve(losses, 50, 4)}
         write_log(log)
     if args.only in ("base", "both"):
         t0 = time.time()
@@ -391,8 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                        "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-100:])),
                        "threads": torch.get_num_threads(), "prediction_type": unet_prediction_type(),
                        "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
-                       "loss_every_100_steps": [round(float(np.mean(losses[i:i + 100])), 5)
-                                                for i in range(0, len(losses), 100)]}
+                       "loss_every_100_steps": loss_curve(losses, 100, 5)}
         write_log(log)
     if args.only in ("base", "describe", "both"):
         t0 = time.time()
@@ -408,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                            "probability": args.describe_probability,
                            "plain": args.describe_plain, "seconds": round(time.time() - t0, 1),
                            "final_loss": float(np.mean(losses[-100:])), "threads": torch.get_num_threads(),
-                           "loss_every_100_steps": [round(float(np.mean(losses[i:i + 100])), 5)
-                                                    for i in range(0, len(losses), 100)]}
+                           "loss_every_100_steps": loss_curve(losses, 100, 5)}
         write_log(log)
     logger.info("pretrain done: %s", log)
     return 0
