@@ -147,7 +147,7 @@ def test_recipe_probe_overrides_are_typed():
 
 
 @pytest.mark.skipif(not (ASSETS / "base_unet.safetensors").is_file(), reason="world models not committed")
-@pytest.mark.parametrize("what", ["stage1", "oracle", "ceiling"])
+@pytest.mark.parametrize("what", ["stage1", "oracle", "bolid", "ceiling"])
 def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
     from training.experiment.recipe_probe import main
 
@@ -166,6 +166,21 @@ def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
         with pytest.raises(SystemExit):
             main([what, "--loss-share", "--out", str(out)])
         assert "belong to the oracle probe" in capsys.readouterr().err
+    elif what == "bolid":
+        assert result["encoder"].startswith("trained") and set(result["text"]) == set(result["bolid"])
+        transfer = result["bolid_vs_text_only"]
+        assert set(transfer) >= {"skin_error_ratio", "hair_error_ratio", "body_error_change",
+                                 "appearance_identification", "body_own_minus_others", "caption_attribute_drop"}
+        # the stage-1 export the first call wrote, loaded instead of trained: the same encoder, the same numbers
+        again = tmp_path / "again.json"
+        export = tmp_path / "o" / "stage1" / "body_encoder.safetensors"
+        assert main([what, *sum((["--set", s] for s in sets), []), "--encoder", str(export), "--out", str(again)]) == 0
+        loaded = json.loads(again.read_text())
+        assert loaded["encoder"] == str(export)
+        assert loaded["bolid"] == result["bolid"] and loaded["final_loss_mean_of_50"] == result["final_loss_mean_of_50"]
+        with pytest.raises(SystemExit):
+            main(["oracle", "--encoder", str(export), "--out", str(out)])
+        assert "belongs to the bolid probe" in capsys.readouterr().err
     elif what == "ceiling":
         rows = result["rows"]
         assert result["strengths"] == list(rows)[:-1] and list(rows)[0] == "0.0" and list(rows)[-2:] == ["1.0", "named"]

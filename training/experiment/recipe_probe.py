@@ -7,6 +7,9 @@
     # ... and how much of L_diff its body condition explains (training.experiment.loss_share), and what
     # guiding the body on its own at generation does (stages.generate's body_guidance)
     python -m training.experiment.recipe_probe oracle --loss-share --body-guidance 3 5 8 --out probe.json
+    # the BoLID adapter alone, on the stage-1 encoder of an earlier experiment run: stage-2 recipes side by side
+    python -m training.experiment.recipe_probe bolid --encoder outputs/experiment/stage1/body_encoder.safetensors \
+        --set stage2.learning_rate=2e-3 --out probe_bolid_lr2e-3.json
     # the positive control above the whole ladder: the frozen base model denoising each held-out person's own
     # target photo from noise level `strength` (img2img): how much identity does even a real photo carry through?
     python -m training.experiment.recipe_probe ceiling --out probe_base_ceiling.json
@@ -29,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from bolid.body_encoder_io import load_body_encoder
 from bolid.safetensors_io import atomic_write_text
 
 from . import stats
 from .analysis import generation_rows, measure, references_of, safely, stage1_checks
-from .conditions import ORACLE, TEXT
+from .conditions import BOLID, ORACLE, TEXT, Condition
 from .config import ExperimentConfig
 from .loss_share import loss_share, per_row_losses
 from .run import row_bodies
@@ -85,41 +89,87 @@ def probe_oracle(cfg: ExperimentConfig, body_guidance: tuple[float, ...] = (), w
                  ) -> dict[str, Any]:
     """Text only against the oracle adapter (true identity vector), same captions and noise; optionally the oracle
     sampled with separate body guidance, and the share of L_diff its body condition explains."""
+    return probe_adapter(cfg, ORACLE, None, body_guidance, with_loss_share)
+
+
+def probe_bolid(cfg: ExperimentConfig, encoder_path: Path | None = None) -> dict[str, Any]:
+    """Text only against the BoLID adapter (multi-view c_body), same captions and noise. Stage 1 is trained as in
+    the experiment, or loaded from ``encoder_path`` (an experiment's ``stage1/body_encoder.safetensors``) so that
+    several stage-2 recipes are compared on one encoder."""
+    if encoder_path is None:
+        unet, text, pose = load_world_models(cfg.assets)
+        encoder, _ = run_stage1(cfg, render_world(cfg), pose)
+        source = "trained (config's stage1)"
+    else:
+        encoder = load_body_encoder(encoder_path)[0]
+        source = str(encoder_path)
+    return probe_adapter(cfg, BOLID, encoder) | {"encoder": source}
+
+
+def probe_adapter(cfg: ExperimentConfig, cond: Condition, encoder: Any, body_guidance: tuple[float, ...] = (),
+                  with_loss_share: bool = False) -> dict[str, Any]:
+    """Train ``cond``'s adapter by the config's stage-2 recipe and generate text only and ``cond`` on the same
+    captions and noise; each arm's means, and for ``cond`` the issue's transfer figures against text only."""
     unet, text, pose = load_world_models(cfg.assets)
     world = render_world(cfg)
     names = sorted(world.heldout)
     rows = generation_rows(cfg, world, names)
     t0 = time.time()
-    body = ORACLE.adapter.body
-    identities = stage2_identities(world, pose, None, cfg.seed, body)
-    adapter, losses = train_adapter(cfg, identities, body.body_dim(None), unet, text, pose)
+    body = cond.adapter.body
+    identities = stage2_identities(world, pose, encoder if body.uses_encoder else None, cfg.seed, body)
+    adapter, losses = train_adapter(cfg, identities, body.body_dim(encoder), unet, text, pose)
     seconds = time.time() - t0
     refs = references_of(world, pose, cfg.seed)
-    table = {n: heldout_body(ORACLE.body, world.heldout[n], None, pose) for n in names}
+    table = {n: heldout_body(cond.body, world.heldout[n], encoder, pose) for n in names}
     own = row_bodies(table, names, rows.person)
     out: dict[str, Any] = {"train_seconds": round(seconds, 1),
                            "final_loss_mean_of_50": float(np.mean([float(r["loss"]) for r in losses[-50:]]))}
     smp = cfg.sampling
+    per_arm: dict[str, dict[str, np.ndarray]] = {}
 
-    def measured(images: np.ndarray) -> dict[str, float]:
-        m = measure(pose.read(images), rows.person, refs, rows.truth_attributes)
+    def measured(key: str, images: np.ndarray) -> dict[str, float]:
+        m = per_arm[key] = measure(pose.read(images), rows.person, refs, rows.truth_attributes)
         res = {k: float(np.mean(m[k])) for k in ("skin_error", "hair_error", "body_error", "caption_attributes",
                                                   "failed_render")}
         res["appearance_identification_top1"] = float(np.mean(m["appearance_distances"].argmin(1) == rows.person))
         return res
 
-    for cond, ad in ((TEXT, None), (ORACLE, adapter)):
-        out[cond.key] = measured(generate(unet, text, rows.captions, rows.seeds, ad, own if ad is not None else None,
-                                          smp.steps, smp.guidance, smp.batch))
+    for c, ad in ((TEXT, None), (cond, adapter)):
+        out[c.key] = measured(c.key, generate(unet, text, rows.captions, rows.seeds, ad,
+                                              own if ad is not None else None, smp.steps, smp.guidance, smp.batch))
+    out[f"{cond.key}_vs_text_only"] = transfer_vs_text(per_arm[cond.key], per_arm[TEXT.key], rows.person, cfg)
     if body_guidance:
-        out["oracle_body_guidance"] = {
-            str(g): measured(generate(unet, text, rows.captions, rows.seeds, adapter, own, smp.steps, smp.guidance,
-                                      smp.batch, body_guidance=g)) | {"guidance": smp.guidance, "body_guidance": g}
+        out[f"{cond.key}_body_guidance"] = {
+            str(g): measured(f"guidance {g}", generate(unet, text, rows.captions, rows.seeds, adapter, own,
+                                                       smp.steps, smp.guidance, smp.batch, body_guidance=g))
+            | {"guidance": smp.guidance, "body_guidance": g}
             for g in body_guidance}
     if with_loss_share:
         swapped = row_bodies(table, names, rows.person, donor_shift=1)
         per_row = per_row_losses(unet, text, adapter, np.stack(rows.target_images), rows.captions, own, swapped, cfg.seed)
         out["loss_share"] = loss_share(per_row, rows.person, n_boot=cfg.stats.n_boot, seed=cfg.seed)
+    return out
+
+
+def transfer_vs_text(m: dict[str, np.ndarray], base: dict[str, np.ndarray], person: np.ndarray,
+                     cfg: ExperimentConfig) -> dict[str, Any]:
+    """The issue's transfer figures of one arm, computed as the experiment's criteria are: skin and hair error
+    (means) as a ratio of text only's, the paired median change of the body error with its person-clustered CI,
+    and own-vs-others appearance identification and body gap with permutation p-values."""
+    st = cfg.stats
+    kw = {"n_boot": st.n_boot, "ci": st.ci, "seed": cfg.seed}
+    out: dict[str, Any] = {f"{k}_ratio": float(np.mean(m[k]) / np.mean(base[k])) for k in ("skin_error", "hair_error")}
+    out["body_error_change"] = safely(stats.paired_difference, m["body_error"], base["body_error"], person, **kw)
+    cand = np.arange(m["appearance_distances"].shape[1])
+    out["appearance_identification"] = {
+        "top1": float(np.mean(m["appearance_distances"].argmin(1) == person)),
+        "p_value": safely(stats.permutation_pvalue_identification, m["appearance_distances"], person,
+                          n_perm=st.n_perm, seed=cfg.seed, candidate_persons=cand).get("p_value")}
+    gap = safely(stats.own_minus_others, m["body_distances"], person, cand, **kw)
+    out["body_own_minus_others"] = {**gap.get("summary", gap), "p_value": safely(
+        stats.permutation_pvalue_own_minus_others, m["body_distances"], person, n_perm=st.n_perm, seed=cfg.seed,
+        candidate_persons=cand).get("p_value")}
+    out["caption_attribute_drop"] = float(np.mean(base["caption_attributes"]) - np.mean(m["caption_attributes"]))
     return out
 
 
@@ -188,17 +238,22 @@ def probe_ceiling(cfg: ExperimentConfig, strengths: tuple[float, ...] = CEILING_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("stage1", "oracle", "ceiling"))
+    p.add_argument("what", choices=("stage1", "oracle", "bolid", "ceiling"))
     p.add_argument("--config", default="training/configs/experiment.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE")
     p.add_argument("--body-guidance", type=float, nargs="+", default=[], metavar="G",
                    help="oracle: also sample with these separate body guidance scales")
     p.add_argument("--loss-share", action="store_true",
                    help="oracle: also measure how much of L_diff the body condition explains")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="bolid: a stage-1 export to use instead of training stage 1 (e.g. an experiment's "
+                        "stage1/body_encoder.safetensors)")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
     if args.what != "oracle" and (args.body_guidance or args.loss_share):
         p.error("--body-guidance and --loss-share belong to the oracle probe")
+    if args.what != "bolid" and args.encoder is not None:
+        p.error("--encoder belongs to the bolid probe")
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     overrides = parse_overrides(args.overrides)
     cfg = ExperimentConfig.load(args.config, overrides)
@@ -209,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         result = probe_stage1(cfg)
     elif args.what == "ceiling":
         result = probe_ceiling(cfg)
+    elif args.what == "bolid":
+        result = probe_bolid(cfg, args.encoder)
     else:
         result = probe_oracle(cfg, tuple(args.body_guidance), args.loss_share)
     result.update(probe=args.what, overrides=overrides, seconds=round(time.time() - t0, 1),
