@@ -75,7 +75,10 @@ def test_experiment_runs_end_to_end_and_reports_every_arm(tmp_path):
     assert results["criteria"]["run_time_s"]["value"] == results["timings_s"]["total"]
     s1 = results["stage1"]
     assert s1["halves_identification"]["n_candidates"] == 3 and "improvement" in s1["proportion_head"]["vs_truth"]
-    assert s1["pose_model_on_reference_photos_vs_truth"]["rms"] >= 0
+    bound = s1["pose_model_on_reference_photos_vs_truth"]
+    assert bound["rms"] >= 0 and len(bound["slope_per_proportion"]) == 6
+    # the world's exact keypoints give the true proportions: what the pose model loses is the pose model's
+    assert bound["exact_keypoints_improvement"] == pytest.approx(1.0, abs=1e-5)  # float32 keypoints
     saved = json.loads((out / "results.json").read_text())
     assert saved["timings_s"]["total"] > 0 and len(saved["per_image"]["person"]) == 6
     assert "| criterion |" in (out / "results.md").read_text()

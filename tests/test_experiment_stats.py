@@ -312,3 +312,15 @@ def test_ratio_of_means_known_answers():
         ratio_of_means(part[:5], whole, person)
     with pytest.raises(ValueError, match="> 0"):
         ratio_of_means(part, -whole, person)
+
+
+def test_shrinkage_slopes_known_answers():
+    from training.experiment.analysis import shrinkage_slopes
+
+    rng = np.random.default_rng(0)
+    mean = np.array([1.0, 2.0, 3.0])
+    truth = mean + rng.normal(0, 0.1, (40, 3))
+    # an unbiased instrument, one that halves every deviation, one that reads nothing but the mean
+    assert shrinkage_slopes(truth, truth, mean) == pytest.approx([1, 1, 1])
+    assert shrinkage_slopes(mean + 0.5 * (truth - mean), truth, mean) == pytest.approx([0.5, 0.5, 0.5])
+    assert shrinkage_slopes(np.broadcast_to(mean, truth.shape), truth, mean) == pytest.approx([0, 0, 0])

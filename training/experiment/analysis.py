@@ -179,9 +179,22 @@ def stage1_checks(cfg: ExperimentConfig, world: Any, encoder: Any, pose: WorldPo
                         for n in names])
     bound = {"rms": rms(on_refs, truth), "population_mean_rms": rms(train_mean, truth)}
     bound["improvement"] = 1.0 - bound["rms"] / bound["population_mean_rms"]
+    # where that bound comes from: the photos' exact keypoints give the proportions (so the pose model is the
+    # limit), and the pose model shrinks each person's deviation from the mean (slope < 1 per proportion)
+    exact = np.stack([reference_proportions(np.stack([p.keypoints for p in world.heldout[n].references]))[0]
+                      for n in names])
+    bound["exact_keypoints_improvement"] = 1.0 - rms(exact, truth) / bound["population_mean_rms"]
+    bound["slope_per_proportion"] = shrinkage_slopes(on_refs, truth, train_mean).round(3).tolist()
     return {"halves_identification": {k: v for k, v in ident.items() if k != "ranks"} | {"p_value": perm["p_value"]},
             "photos_per_half": half, "proportion_head": head, "pose_model_on_reference_photos_vs_truth": bound,
             "c_body_norm_heldout_mean": float(full.norm(dim=1).mean())}
+
+
+def shrinkage_slopes(measured: np.ndarray, truth: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Per column, the least-squares slope of the measured deviation from ``mean`` on the true deviation: 1 for an
+    unbiased instrument, below 1 where it pulls people towards the mean."""
+    dt, dm = truth - mean, measured - mean
+    return (dt * dm).sum(0) / np.maximum((dt**2).sum(0), 1e-12)
 
 
 def measured_mean_of_training(world: Any, pose: WorldPose) -> np.ndarray:

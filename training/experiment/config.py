@@ -66,7 +66,7 @@ class Stage2Options:
 
     max_steps: int = 300
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 20
     body_tokens: int = 4
     max_context_views: int = 4
