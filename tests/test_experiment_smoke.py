@@ -76,7 +76,8 @@ def test_experiment_runs_end_to_end_and_reports_every_arm(tmp_path):
     s1 = results["stage1"]
     assert s1["halves_identification"]["n_candidates"] == 3 and "improvement" in s1["proportion_head"]["vs_truth"]
     bound = s1["pose_model_on_reference_photos_vs_truth"]
-    assert bound["rms"] >= 0 and len(bound["slope_per_proportion"]) == 6
+    assert bound["rms"] >= 0 and list(bound["slope_per_proportion"]) == ["upper_arm", "forearm", "thigh", "shin",
+                                                                          "shoulder_width", "hip_width"]
     # the world's exact keypoints give the true proportions: what the pose model loses is the pose model's
     assert bound["exact_keypoints_improvement"] == pytest.approx(1.0, abs=1e-5)  # float32 keypoints
     saved = json.loads((out / "results.json").read_text())
@@ -174,13 +175,21 @@ def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
         transfer = result["bolid_vs_text_only"]
         assert set(transfer) >= {"skin_error_ratio", "hair_error_ratio", "body_error_change",
                                  "appearance_identification", "body_own_minus_others", "caption_attribute_drop"}
+        # the transfer figures are the arms' own means, compared as the criteria compare them
+        if result["text"]["skin_error"] > 0:
+            assert transfer["skin_error_ratio"] == pytest.approx(result["bolid"]["skin_error"] / result["text"]["skin_error"])
+        assert transfer["caption_attribute_drop"] == pytest.approx(
+            result["text"]["caption_attributes"] - result["bolid"]["caption_attributes"])
+        assert transfer["appearance_identification"]["chance"] == pytest.approx(1 / 3)
         # the stage-1 export the first call wrote, loaded instead of trained: the same encoder, the same numbers
         again = tmp_path / "again.json"
         export = tmp_path / "o" / "stage1" / "body_encoder.safetensors"
         assert main([what, *sum((["--set", s] for s in sets), []), "--encoder", str(export), "--out", str(again)]) == 0
         loaded = json.loads(again.read_text())
         assert loaded["encoder"] == str(export)
-        assert loaded["bolid"] == result["bolid"] and loaded["final_loss_mean_of_50"] == result["final_loss_mean_of_50"]
+        # compared as JSON text: a NaN mean (an unreadable body at 2 sampler steps) equals itself there
+        assert json.dumps(loaded["bolid"]) == json.dumps(result["bolid"])
+        assert loaded["final_loss_mean_of_50"] == result["final_loss_mean_of_50"]
         with pytest.raises(SystemExit):
             main(["oracle", "--encoder", str(export), "--out", str(out)])
         assert "belongs to the bolid probe" in capsys.readouterr().err
@@ -200,6 +209,7 @@ def test_recipe_probe_runs_each_probe(tmp_path, what, capsys):
             assert row["appearance_identification"]["chance"] == pytest.approx(1 / 3)
     else:
         assert set(result["text"]) == set(result["oracle"]) and 0 <= result["oracle"]["skin_error"] <= 1
+        assert "skin_error_ratio" in result["oracle_vs_text_only"]
         assert result["config"]["stage2"]["appearance_weight"] == 0.5
         assert set(result["oracle_body_guidance"]["3.0"]) == set(result["oracle"]) | {"guidance", "body_guidance"}
         share = result["loss_share"]

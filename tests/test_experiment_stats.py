@@ -320,7 +320,11 @@ def test_shrinkage_slopes_known_answers():
     rng = np.random.default_rng(0)
     mean = np.array([1.0, 2.0, 3.0])
     truth = mean + rng.normal(0, 0.1, (40, 3))
-    # an unbiased instrument, one that halves every deviation, one that reads nothing but the mean
-    assert shrinkage_slopes(truth, truth, mean) == pytest.approx([1, 1, 1])
-    assert shrinkage_slopes(mean + 0.5 * (truth - mean), truth, mean) == pytest.approx([0.5, 0.5, 0.5])
-    assert shrinkage_slopes(np.broadcast_to(mean, truth.shape), truth, mean) == pytest.approx([0, 0, 0])
+    # an exact instrument, one that halves every deviation, one that reads nothing but the mean
+    assert shrinkage_slopes(truth, truth) == pytest.approx([1, 1, 1])
+    assert shrinkage_slopes(mean + 0.5 * (truth - mean), truth) == pytest.approx([0.5, 0.5, 0.5])
+    assert shrinkage_slopes(np.broadcast_to(mean, truth.shape), truth) == pytest.approx([0, 0, 0])
+    # a constant offset is not shrinkage; noise independent of the truth does not bias the slope much
+    assert shrinkage_slopes(truth + 0.3, truth) == pytest.approx([1, 1, 1])
+    noisy = truth + rng.normal(0, 0.01, truth.shape)
+    assert shrinkage_slopes(noisy, truth) == pytest.approx([1, 1, 1], abs=0.05)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bolid.metrics import body_consistency, fid_from_features, reference_proportions
+from bolid.proportions import PROPORTION_NAMES
 from bolid.synthetic import make_identity
 
 from . import stats
@@ -184,16 +185,18 @@ def stage1_checks(cfg: ExperimentConfig, world: Any, encoder: Any, pose: WorldPo
     exact = np.stack([reference_proportions(np.stack([p.keypoints for p in world.heldout[n].references]))[0]
                       for n in names])
     bound["exact_keypoints_improvement"] = 1.0 - rms(exact, truth) / bound["population_mean_rms"]
-    bound["slope_per_proportion"] = shrinkage_slopes(on_refs, truth, train_mean).round(3).tolist()
+    bound["slope_per_proportion"] = dict(zip(PROPORTION_NAMES, shrinkage_slopes(on_refs, truth).round(3).tolist(),
+                                             strict=True))
     return {"halves_identification": {k: v for k, v in ident.items() if k != "ranks"} | {"p_value": perm["p_value"]},
             "photos_per_half": half, "proportion_head": head, "pose_model_on_reference_photos_vs_truth": bound,
             "c_body_norm_heldout_mean": float(full.norm(dim=1).mean())}
 
 
-def shrinkage_slopes(measured: np.ndarray, truth: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Per column, the least-squares slope of the measured deviation from ``mean`` on the true deviation: 1 for an
-    unbiased instrument, below 1 where it pulls people towards the mean."""
-    dt, dm = truth - mean, measured - mean
+def shrinkage_slopes(measured: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per column, the least-squares slope (with an intercept, so a constant offset does not enter) of the measured
+    on the true values over people: 1 for an instrument that keeps people's differences, below 1 where it pulls
+    them towards the mean."""
+    dt, dm = truth - truth.mean(0), measured - measured.mean(0)
     return (dt * dm).sum(0) / np.maximum((dt**2).sum(0), 1e-12)
 
 

@@ -8,8 +8,9 @@
     # guiding the body on its own at generation does (stages.generate's body_guidance)
     python -m training.experiment.recipe_probe oracle --loss-share --body-guidance 3 5 8 --out probe.json
     # the BoLID adapter alone, on the stage-1 encoder of an earlier experiment run: stage-2 recipes side by side
-    python -m training.experiment.recipe_probe bolid --encoder outputs/experiment/stage1/body_encoder.safetensors \
-        --set stage2.learning_rate=2e-3 --out probe_bolid_lr2e-3.json
+    # (without --encoder it trains stage 1 into the config's output_dir, as the experiment does)
+    python -m training.experiment.recipe_probe bolid --encoder outputs/experiment/stage1/body_encoder.safetensors \\
+        --set output_dir=outputs/probe --set stage2.learning_rate=2e-3 --out probe_bolid_lr2e-3.json
     # the positive control above the whole ladder: the frozen base model denoising each held-out person's own
     # target photo from noise level `strength` (img2img): how much identity does even a real photo carry through?
     python -m training.experiment.recipe_probe ceiling --out probe_base_ceiling.json
@@ -94,24 +95,29 @@ def probe_oracle(cfg: ExperimentConfig, body_guidance: tuple[float, ...] = (), w
 
 def probe_bolid(cfg: ExperimentConfig, encoder_path: Path | None = None) -> dict[str, Any]:
     """Text only against the BoLID adapter (multi-view c_body), same captions and noise. Stage 1 is trained as in
-    the experiment, or loaded from ``encoder_path`` (an experiment's ``stage1/body_encoder.safetensors``) so that
+    the experiment (into ``output_dir/stage1``, like the experiment), or loaded from ``encoder_path`` (an
+    experiment's ``stage1/body_encoder.safetensors``, which must be of this config's ``latent_dim``) so that
     several stage-2 recipes are compared on one encoder."""
+    models = load_world_models(cfg.assets)
+    world = render_world(cfg)
     if encoder_path is None:
-        unet, text, pose = load_world_models(cfg.assets)
-        encoder, _ = run_stage1(cfg, render_world(cfg), pose)
+        encoder, _ = run_stage1(cfg, world, models[2])
         source = "trained (config's stage1)"
     else:
         encoder = load_body_encoder(encoder_path)[0]
+        if encoder.latent_dim != cfg.stage1.latent_dim:
+            raise SystemExit(f"--encoder {encoder_path}: latent_dim {encoder.latent_dim}, the config's stage1 has "
+                             f"{cfg.stage1.latent_dim}; pass the export of a run of this config")
         source = str(encoder_path)
-    return probe_adapter(cfg, BOLID, encoder) | {"encoder": source}
+    return probe_adapter(cfg, BOLID, encoder, models=models, world=world) | {"encoder": source}
 
 
 def probe_adapter(cfg: ExperimentConfig, cond: Condition, encoder: Any, body_guidance: tuple[float, ...] = (),
-                  with_loss_share: bool = False) -> dict[str, Any]:
+                  with_loss_share: bool = False, models: tuple | None = None, world: Any = None) -> dict[str, Any]:
     """Train ``cond``'s adapter by the config's stage-2 recipe and generate text only and ``cond`` on the same
     captions and noise; each arm's means, and for ``cond`` the issue's transfer figures against text only."""
-    unet, text, pose = load_world_models(cfg.assets)
-    world = render_world(cfg)
+    unet, text, pose = models if models is not None else load_world_models(cfg.assets)
+    world = world if world is not None else render_world(cfg)
     names = sorted(world.heldout)
     rows = generation_rows(cfg, world, names)
     t0 = time.time()
@@ -154,15 +160,19 @@ def probe_adapter(cfg: ExperimentConfig, cond: Condition, encoder: Any, body_gui
 def transfer_vs_text(m: dict[str, np.ndarray], base: dict[str, np.ndarray], person: np.ndarray,
                      cfg: ExperimentConfig) -> dict[str, Any]:
     """The issue's transfer figures of one arm, computed as the experiment's criteria are: skin and hair error
-    (means) as a ratio of text only's, the paired median change of the body error with its person-clustered CI,
-    and own-vs-others appearance identification and body gap with permutation p-values."""
+    (means) as a ratio of text only's (NaN where text only has none), the body error's paired comparison with
+    text only (``relative``: median over median - 1, person-clustered CI), and own-vs-others appearance
+    identification (ties count against, as in the run) and body gap, with permutation p-values."""
     st = cfg.stats
     kw = {"n_boot": st.n_boot, "ci": st.ci, "seed": cfg.seed}
-    out: dict[str, Any] = {f"{k}_ratio": float(np.mean(m[k]) / np.mean(base[k])) for k in ("skin_error", "hair_error")}
+    out: dict[str, Any] = {}
+    for k in ("skin_error", "hair_error"):
+        b, t = float(np.mean(m[k])), float(np.mean(base[k]))
+        out[f"{k}_ratio"] = b / t if t > 0 else float("nan")
     out["body_error_change"] = safely(stats.paired_difference, m["body_error"], base["body_error"], person, **kw)
     cand = np.arange(m["appearance_distances"].shape[1])
-    out["appearance_identification"] = {
-        "top1": float(np.mean(m["appearance_distances"].argmin(1) == person)),
+    ident = safely(stats.identification, m["appearance_distances"], person, cand)
+    out["appearance_identification"] = {k: ident.get(k) for k in ("top1", "chance", "top1_over_chance")} | {
         "p_value": safely(stats.permutation_pvalue_identification, m["appearance_distances"], person,
                           n_perm=st.n_perm, seed=cfg.seed, candidate_persons=cand).get("p_value")}
     gap = safely(stats.own_minus_others, m["body_distances"], person, cand, **kw)
@@ -254,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--body-guidance and --loss-share belong to the oracle probe")
     if args.what != "bolid" and args.encoder is not None:
         p.error("--encoder belongs to the bolid probe")
+    if args.encoder is not None and not args.encoder.is_file():
+        p.error(f"--encoder {args.encoder}: no such file (an experiment's stage1/body_encoder.safetensors)")
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     overrides = parse_overrides(args.overrides)
     cfg = ExperimentConfig.load(args.config, overrides)
