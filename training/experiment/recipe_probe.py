@@ -137,7 +137,7 @@ def probe_adapter(cfg: ExperimentConfig, cond: Condition, encoder: Any, body_gui
         m = per_arm[key] = measure(pose.read(images), rows.person, refs, rows.truth_attributes)
         res = {k: float(np.mean(m[k])) for k in ("skin_error", "hair_error", "body_error", "caption_attributes",
                                                   "failed_render")}
-        res["appearance_identification_top1"] = float(np.mean(m["appearance_distances"].argmin(1) == rows.person))
+        res["appearance_identification_top1"] = appearance_top1(m["appearance_distances"], rows.person)
         return res
 
     for c, ad in ((TEXT, None), (cond, adapter)):
@@ -157,6 +157,17 @@ def probe_adapter(cfg: ExperimentConfig, cond: Condition, encoder: Any, body_gui
     return out
 
 
+def appearance_identification(distances: np.ndarray, person: np.ndarray) -> dict[str, Any]:
+    """Top-1 own-vs-others identification by appearance, by the run's rule (``stats.identification``: ties count
+    against the image), with chance; ``{"undefined": why}`` where it cannot be had."""
+    ident = safely(stats.identification, distances, person, np.arange(distances.shape[1]))
+    return {k: ident[k] for k in ("top1", "chance", "top1_over_chance")} if "top1" in ident else ident
+
+
+def appearance_top1(distances: np.ndarray, person: np.ndarray) -> float:
+    return float(appearance_identification(distances, person).get("top1", float("nan")))
+
+
 def transfer_vs_text(m: dict[str, np.ndarray], base: dict[str, np.ndarray], person: np.ndarray,
                      cfg: ExperimentConfig) -> dict[str, Any]:
     """The issue's transfer figures of one arm, computed as the experiment's criteria are: skin and hair error
@@ -171,8 +182,8 @@ def transfer_vs_text(m: dict[str, np.ndarray], base: dict[str, np.ndarray], pers
         out[f"{k}_ratio"] = b / t if t > 0 else float("nan")
     out["body_error_change"] = safely(stats.paired_difference, m["body_error"], base["body_error"], person, **kw)
     cand = np.arange(m["appearance_distances"].shape[1])
-    ident = safely(stats.identification, m["appearance_distances"], person, cand)
-    out["appearance_identification"] = {k: ident.get(k) for k in ("top1", "chance", "top1_over_chance")} | {
+    ident = appearance_identification(m["appearance_distances"], person)
+    out["appearance_identification"] = ident | {
         "p_value": safely(stats.permutation_pvalue_identification, m["appearance_distances"], person,
                           n_perm=st.n_perm, seed=cfg.seed, candidate_persons=cand).get("p_value")}
     gap = safely(stats.own_minus_others, m["body_distances"], person, cand, **kw)
