@@ -174,3 +174,17 @@ def test_describe_stage_runs_on_a_first_stage_and_only_once(tmp_path):
     assert meta["identity_words"] and set(IDENTITY_VOCABULARY) <= set(text.vocab)
     with pytest.raises(BoLIDError, match="not a first-stage caption encoder"):
         pretrain.main(args)
+
+
+def test_pose_runner_fingerprint_names_the_weights():
+    """Stage 1's prepare cache is keyed on the pose runner's fingerprint: a retrained pose model must not reuse
+    keypoints another model measured, and the same weights must give the same fingerprint."""
+    from training.experiment.readout import WorldPose
+
+    torch.manual_seed(0)
+    a, b = WorldPoseNet(), WorldPoseNet()
+    b.load_state_dict(a.state_dict())
+    assert WorldPose(a).fingerprint == WorldPose(b).fingerprint
+    with torch.no_grad():
+        b.heat.bias[0] += 1e-3
+    assert WorldPose(a).fingerprint != WorldPose(b).fingerprint

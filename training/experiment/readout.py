@@ -8,6 +8,7 @@ runner of stage 1's prepare step and the differentiable pose network of stage 2'
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,13 +42,24 @@ def person_from_keypoints(kp: np.ndarray, pad: float = 2.0) -> PersonPose:
     return PersonPose(box=np.concatenate([lo, hi]), score=float(kp[:, 2].mean()), keypoints=kp)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short hash of a module's parameters and buffers (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class WorldPose:
     """The world's pose model as everything the experiment wants from it."""
 
-    fingerprint = "world-pose-net"
-
     def __init__(self, net: WorldPoseNet) -> None:
         self.net = net.eval().requires_grad_(False)
+        # stage 1's prepare step reuses cached keypoints whose settings match, the pose runner's name among them;
+        # naming the weights keeps a retrained pose model from reusing another model's keypoints
+        self.fingerprint = f"world-pose-net-{weights_digest(self.net)}"
 
     @torch.no_grad()
     def read(self, images: np.ndarray | list[np.ndarray], batch: int = 256) -> Readout:
