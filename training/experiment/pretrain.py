@@ -322,7 +322,7 @@ def unet_prediction_type() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="training/experiment_assets")
-    p.add_argument("--pose-steps", type=int, default=800)
+    p.add_argument("--pose-steps", type=int, default=4000)  # 800 pulled people towards the mean skeleton
     p.add_argument("--pose-batch", type=int, default=64)
     p.add_argument("--base-steps", type=int, default=3500)
     p.add_argument("--base-batch", type=int, default=32)
