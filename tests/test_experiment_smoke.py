@@ -45,8 +45,26 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
                                                   "appearance_max_timestep": 200}})
     with pytest.raises(ExperimentConfigError, match="workers"):
         ExperimentConfig.load(CONFIG, {"workers": -1})
+    with pytest.raises(ExperimentConfigError, match="heldout_first_index 49999 would reuse people"):
+        ExperimentConfig.load(CONFIG, {"world": {"heldout_first_index": 49_999}})
     cfg = ExperimentConfig.load(CONFIG)
     assert cfg.world.heldout_identities >= 32 and cfg.stage1.proportion_weight == 1.0
+
+
+def test_heldout_first_index_draws_fresh_people_for_the_same_training_world():
+    """A fresh set of held-out people (the recipe check on people nobody looked at) must leave every training photo as
+    it is, so stage 1 and the adapters train exactly as in the main job."""
+    from training.experiment.stages import render_world
+
+    world = dict(SHORT["world"])
+    a = render_world(ExperimentConfig.load(CONFIG, {"world": world}))
+    b = render_world(ExperimentConfig.load(CONFIG, {"world": {**world, "heldout_first_index": 4_000_000}}))
+    assert a.train.keys() == b.train.keys()
+    for name in a.train:
+        for pa, pb in zip(a.train[name], b.train[name], strict=True):
+            np.testing.assert_array_equal(pa.image, pb.image)
+    assert [p.identity.index for p in a.heldout.values()] == [1_000_000, 1_000_001, 1_000_002]
+    assert [p.identity.index for p in b.heldout.values()] == [4_000_000, 4_000_001, 4_000_002]
 
 
 @pytest.mark.skipif(not (ASSETS / "base_unet.safetensors").is_file(), reason="world models not committed")

@@ -17,6 +17,9 @@ except ModuleNotFoundError:  # Python 3.10
 from bolid.errors import BoLIDError
 from training.common import config_table
 
+PRETRAINING_IDENTITIES = 50_000  # the world models train on identities 0 .. 49_999 (pretrain.TRAIN_IDENTITIES)
+HELDOUT_FIRST_INDEX = 1_000_000  # the experiment's held-out people: indices from here
+
 
 class ExperimentConfigError(BoLIDError):
     """The experiment config is invalid."""
@@ -31,10 +34,15 @@ class WorldOptions:
     heldout_identities: int = 32
     heldout_reference_photos: int = 6  # the multi-view Body ID; single photo = the first; halves for stage-1 checks
     heldout_target_photos: int = 2  # whose captions drive generation (and whose photos are the real-image floor)
+    # the first held-out identity index: another value draws a fresh set of people for the same trained models
+    heldout_first_index: int = HELDOUT_FIRST_INDEX
 
     def __post_init__(self) -> None:
         if self.heldout_identities < 2 or self.heldout_reference_photos < 2 or self.photos_per_identity < 2:
             raise ValueError("need >= 2 held-out identities, >= 2 reference photos and >= 2 photos per identity")
+        if self.heldout_first_index < max(PRETRAINING_IDENTITIES, self.train_identities):
+            raise ValueError(f"heldout_first_index {self.heldout_first_index} would reuse people the world models or "
+                             f"stages train on (indices below {max(PRETRAINING_IDENTITIES, self.train_identities)})")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from bolid.synthetic import make_identity
 
+from .config import PRETRAINING_IDENTITIES
 from .render_check import TRAINED_BREAKS, break_photo
 from .world_models import (
     ATTRIBUTES,
@@ -51,7 +52,7 @@ from .world_models import (
 )
 
 logger = logging.getLogger("bolid.experiment")
-TRAIN_IDENTITIES = 50_000
+TRAIN_IDENTITIES = PRETRAINING_IDENTITIES
 
 
 def render_batch(rng: np.random.Generator, batch: int, world_seed: int = 0) -> list:

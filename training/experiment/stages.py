@@ -41,7 +41,6 @@ from .world_models import (
 )
 
 logger = logging.getLogger("bolid.experiment")
-HELDOUT_OFFSET = 1_000_000  # held-out identity indices start here (pretraining uses 0 .. 49_999)
 ORACLE_LOGVAR = -9.0  # the oracle vector as a per-view posterior with almost no variance: aggregation keeps it
 
 
@@ -75,7 +74,7 @@ def render_world(cfg: ExperimentConfig) -> World:
     held = {}
     n_ref, n_tgt = w.heldout_reference_photos, w.heldout_target_photos
     for k in range(w.heldout_identities):
-        ident = make_identity(seed, HELDOUT_OFFSET + k)
+        ident = make_identity(seed, w.heldout_first_index + k)
         photos = [render_world_photo(ident, seed * 7919 + 500 + j) for j in range(n_ref + n_tgt)]
         held[f"heldout_{k:03d}"] = HeldOut(ident, photos[:n_ref], photos[n_ref:])
     return World(train, held)
