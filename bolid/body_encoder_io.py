@@ -18,7 +18,7 @@ import torch
 from .body_encoder import FORMAT_VERSION, BodyEncoder, BodyEncoderConfig
 from .errors import BoLIDError, reading
 from .file_kinds import BODY_ENCODER, FileInfo, check_file_kind, read_file_kind
-from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors
+from .safetensors_io import atomic_save_safetensors, check_state_dict, load_safetensors, update_hash_with_weights
 
 READABLE_FORMAT_VERSIONS = (1, 2)
 BODY_PRIOR_KEYS = ("body_prior.mean", "body_prior.scale_tril")
@@ -49,11 +49,7 @@ def config_from_metadata(metadata: dict[str, str], source: str) -> BodyEncoderCo
 def encoder_hash(model: BodyEncoder) -> str:
     """A short content hash of the architecture and weights: identities remember which encoder made them."""
     h = hashlib.sha256(json.dumps(model.config.architecture(), sort_keys=True).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu", torch.float32).contiguous()
-        h.update(key.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
+    update_hash_with_weights(h, model)
     return h.hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -21,6 +22,16 @@ from .errors import BoLIDError, reading
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_LISTED_KEYS = 5
+
+
+def update_hash_with_weights(h: Any, module: torch.nn.Module) -> None:
+    """Feed a module's parameters and buffers (name, shape, fp32 values, in name order) to a hash: the one rule for
+    "these are the same weights", used for stored-encoder hashes and cache fingerprints."""
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
 
 
 def _umask() -> int:

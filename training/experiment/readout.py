@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bolid.keypoints import PersonPose
+from bolid.safetensors_io import update_hash_with_weights
 
 from .render_check import render_failed
 from .world_models import ATTRIBUTES, WorldPoseNet, to_model_range
@@ -42,16 +43,6 @@ def person_from_keypoints(kp: np.ndarray, pad: float = 2.0) -> PersonPose:
     return PersonPose(box=np.concatenate([lo, hi]), score=float(kp[:, 2].mean()), keypoints=kp)
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A short hash of a module's parameters and buffers (names, shapes, dtypes and values)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class WorldPose:
     """The world's pose model as everything the experiment wants from it."""
 
@@ -59,7 +50,9 @@ class WorldPose:
         self.net = net.eval().requires_grad_(False)
         # stage 1's prepare step reuses cached keypoints whose settings match, the pose runner's name among them;
         # naming the weights keeps a retrained pose model from reusing another model's keypoints
-        self.fingerprint = f"world-pose-net-{weights_digest(self.net)}"
+        digest = hashlib.sha256()
+        update_hash_with_weights(digest, self.net)
+        self.fingerprint = f"world-pose-net-{digest.hexdigest()[:16]}"
 
     @torch.no_grad()
     def read(self, images: np.ndarray | list[np.ndarray], batch: int = 256) -> Readout:

@@ -41,6 +41,7 @@ from .analysis import generation_rows, measure, references_of, safely, stage1_ch
 from .conditions import BOLID, ORACLE, TEXT, Condition
 from .config import ExperimentConfig
 from .loss_share import loss_share, per_row_losses
+from .report import error_ratio_to_text_only
 from .run import row_bodies
 from .stages import (
     generate,
@@ -178,8 +179,7 @@ def transfer_vs_text(m: dict[str, np.ndarray], base: dict[str, np.ndarray], pers
     kw = {"n_boot": st.n_boot, "ci": st.ci, "seed": cfg.seed}
     out: dict[str, Any] = {}
     for k in ("skin_error", "hair_error"):
-        b, t = float(np.mean(m[k])), float(np.mean(base[k]))
-        out[f"{k}_ratio"] = b / t if t > 0 else float("nan")
+        out[f"{k}_ratio"] = error_ratio_to_text_only(float(np.mean(m[k])), float(np.mean(base[k])))
     out["body_error_change"] = safely(stats.paired_difference, m["body_error"], base["body_error"], person, **kw)
     cand = np.arange(m["appearance_distances"].shape[1])
     ident = appearance_identification(m["appearance_distances"], person)

@@ -26,6 +26,11 @@ def num(d: Any, *keys: str, missing: float | None = float("nan")) -> float | Non
     return float(d)
 
 
+def error_ratio_to_text_only(arm_mean: float, text_only_mean: float) -> float:
+    """An arm's mean error as a fraction of text only's (the skin and hair criteria); NaN where text only has none."""
+    return arm_mean / text_only_mean if text_only_mean > 0 else float("nan")
+
+
 def criteria(results: dict[str, Any], chance: float) -> dict[str, dict[str, Any]]:
     """Issue 10's "done when" targets, each with the measured value and whether it was met (an undefined
     statistic is NaN and not met)."""
@@ -58,7 +63,7 @@ def criteria(results: dict[str, Any], chance: float) -> dict[str, dict[str, Any]
         top1 >= 3 * chance and p_app < 0.01)
     for trait in ("skin_error", "hair_error"):
         b, t = num(bolid, "summary", trait, "mean", "estimate"), num(text, "summary", trait, "mean", "estimate")
-        add(f"{trait}_ratio_to_text_only", b / t if t > 0 else float("nan"), "<= 0.5", t > 0 and b <= 0.5 * t)
+        add(f"{trait}_ratio_to_text_only", error_ratio_to_text_only(b, t), "<= 0.5", t > 0 and b <= 0.5 * t)
     rel = bolid.get("vs_text_only", {}).get("body_error", {}).get("relative")
     add("body_error_median_change_vs_text_only", rel, "<= -0.25 with CI excluding 0",
         rel is not None and rel["estimate"] <= -0.25 and rel["hi"] < 0)
